@@ -45,7 +45,9 @@ def check_float_input(owner: str, x: Any, features: int | None = None) -> None:
             "(float32, bfloat16, float16 or float64)."
         )
     if getattr(x, "ndim", 0) < 1:
-        raise ValueError(f"{owner}: input of shape {getattr(x, 'shape', None)} has no feature axis.")
+        raise ValueError(
+            f"{owner}: input of shape {getattr(x, 'shape', None)} has no feature axis."
+        )
     if features is not None and x.shape[-1] != features:
         raise ValueError(
             f"{owner}: input last dimension {x.shape[-1]} (shape {tuple(x.shape)}) does not match "

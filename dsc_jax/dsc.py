@@ -1,0 +1,231 @@
+"""The Dynamic Subspace Composition layer (spec §1-§3).
+
+``y = GELU(x W1) W2 + ((x U_Iᵀ) ⊙ ẑ) V_I ⊙ γ`` where the router picks, per token, the
+top-K of M unit-norm rank-1 atoms ``(u_j, v_j)`` and ``ẑ`` shrinks to zero when the router's
+total signal ``S`` is small. ``ΔW(x) ∈ R^{d×d}`` is never materialised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsc_jax import _checks, router
+
+VARIANTS = ("refined", "basic")
+COMPUTE_MODES = ("auto", "gather", "dense")
+
+# "auto" picks "dense" (two [N,d]x[d,M] matmuls over every atom) when the bank is at most this
+# many times larger than K; otherwise "gather" (fetch the K selected rows of U and V per token,
+# O(N K d) memory traffic). Dense costs 4·N·M·d FLOPs of well-shaped matmuls, gather costs
+# 4·N·K·d FLOPs but 2·N·K·d gathered elements, which run far below matmul peak. The crossover
+# measured by benchmarks/layer_latency.py sits between M/K = 8 and M/K = 64 on CPU and GPU.
+AUTO_DENSE_MAX_BASES_PER_ACTIVE = 16
+
+
+def resolve_compute(compute: str, num_bases: int, top_k: int) -> str:
+    """The compute path ``compute`` selects for ``num_bases`` atoms with ``top_k`` active."""
+    if compute != "auto":
+        return compute
+    return "dense" if num_bases <= AUTO_DENSE_MAX_BASES_PER_ACTIVE * top_k else "gather"
+
+
+def _param_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
+    """Shape of an existing parameter of ``module`` (boxed or not), or None before init."""
+    if not module.has_variable("params", name):
+        return None
+    return tuple(nn.meta.unbox(module.get_variable("params", name)).shape)
+
+
+def _logical(init: Any, names: tuple[str, ...]) -> Any:
+    return nn.with_logical_partitioning(init, names)
+
+
+class DSCLayer(nn.Module):
+    """Dynamic Subspace Composition FFN.
+
+    Attributes:
+      num_bases: ``M``, atoms in the shared bank.
+      top_k: ``K``, active atoms per token (static, ``1 ≤ K ≤ M``).
+      static_dim: ``H``, hidden width of the static FFN.
+      variant: ``"refined"`` (Algorithm 2: router LayerNorm, vector γ) or ``"basic"``
+        (Algorithm 1: no LayerNorm, scalar γ).
+      tau: logit clip ``τ``.
+      eps: ``ε`` of the coefficient normalisation and the bank-row normalisation.
+      gamma_init: initial value of γ.
+      budget_target: ``μ`` of the budget regulariser.
+      dropout_rate: dropout on the output in training.
+      compute: ``"gather"``, ``"dense"`` or ``"auto"`` (see :func:`resolve_compute`).
+      dtype: compute dtype of the static FFN and the bank contraction. The router always
+        computes in float32.
+      param_dtype: dtype of the parameters.
+      init_std: std of the static FFN and router weights (spec: 0.02).
+
+    Parameter tree (``params``): ``static_in/kernel [d,H]``, ``static_out/kernel [H,d]``,
+    ``router_norm/scale [d]`` and ``router_norm/bias [d]`` (refined only), ``router/kernel [d,M]``,
+    ``router/bias [M]``, ``basis_u [M,d]``, ``basis_v [M,d]``, ``gamma`` (``[d]`` refined,
+    ``[]`` basic).
+    """
+
+    num_bases: int
+    top_k: int
+    static_dim: int
+    variant: str = "refined"
+    tau: float = 20.0
+    eps: float = 1e-6
+    gamma_init: float = 0.1
+    budget_target: float = 1.0
+    dropout_rate: float = 0.0
+    compute: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _checks.check_positive_int(name, "num_bases", self.num_bases)
+        _checks.check_positive_int(name, "top_k", self.top_k)
+        if self.top_k > self.num_bases:
+            raise ValueError(
+                f"{name}.top_k={self.top_k} is invalid; expected 1 <= top_k <= num_bases "
+                f"(num_bases={self.num_bases})."
+            )
+        _checks.check_positive_int(name, "static_dim", self.static_dim)
+        _checks.check_choice(name, "variant", self.variant, VARIANTS)
+        _checks.check_choice(name, "compute", self.compute, COMPUTE_MODES)
+        _checks.check_positive_float(name, "tau", self.tau)
+        _checks.check_positive_float(name, "eps", self.eps)
+        _checks.check_positive_float(name, "budget_target", self.budget_target, allow_zero=True)
+        _checks.check_probability(name, "dropout_rate", self.dropout_rate)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Apply the layer.
+
+        Args:
+          x: ``[..., d]`` floating input.
+          deterministic: disables dropout when True.
+
+        Returns:
+          ``[..., d]`` in ``dtype``.
+        """
+        existing = _param_shape(self, "basis_u")
+        _checks.check_float_input(type(self).__name__, x, None if existing is None else existing[1])
+        d_model = x.shape[-1]
+        lead_shape = x.shape[:-1]
+        x = x.reshape(-1, d_model)  # [N, d]
+
+        # Static FFN f(x) = GELU(x W1) W2.
+        dense_init = nn.initializers.normal(self.init_std)
+        hidden = nn.Dense(
+            self.static_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_logical(dense_init, ("embed", "mlp")),
+            name="static_in",
+        )(x)
+        static_out = nn.Dense(
+            d_model,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_logical(dense_init, ("mlp", "embed")),
+            name="static_out",
+        )(nn.gelu(hidden, approximate=False))
+
+        # Router, always float32.
+        router_in = x.astype(jnp.float32)
+        if self.variant == "refined":
+            router_in = nn.LayerNorm(
+                epsilon=1e-5,
+                dtype=jnp.float32,
+                param_dtype=self.param_dtype,
+                scale_init=_logical(nn.initializers.ones, ("embed",)),
+                bias_init=_logical(nn.initializers.zeros, ("embed",)),
+                name="router_norm",
+            )(router_in)
+        raw_logits = nn.Dense(
+            self.num_bases,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            kernel_init=_logical(dense_init, ("embed", "bases")),
+            bias_init=_logical(nn.initializers.zeros, ("bases",)),
+            name="router",
+        )(router_in)  # [N, M]
+        routing = router.route(raw_logits, self.top_k, self.tau, self.eps)
+
+        # Bank, normalised in the forward pass too (imported banks stay valid).
+        bank_init = _logical(nn.initializers.orthogonal(), ("bases", "embed"))
+        bank_shape = (self.num_bases, d_model)
+        basis_u = self.param("basis_u", bank_init, bank_shape, self.param_dtype)
+        basis_v = self.param("basis_v", bank_init, bank_shape, self.param_dtype)
+        unit_u = router.normalize_rows(basis_u, self.eps)
+        unit_v = router.normalize_rows(basis_v, self.eps)
+        gamma_shape, gamma_names = (
+            ((d_model,), ("embed",)) if self.variant == "refined" else ((), ())
+        )
+        gamma = self.param(
+            "gamma",
+            _logical(nn.initializers.constant(self.gamma_init), gamma_names),
+            gamma_shape,
+            self.param_dtype,
+        )
+
+        dynamic = self._contract(x, unit_u, unit_v, routing)  # [N, d]
+        y = static_out + (dynamic * gamma.astype(self.dtype)).astype(self.dtype)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+        if not self.is_initializing():  # keep diagnostics and losses out of `init`'s variables
+            self._sow(routing, raw_logits, unit_u, unit_v, lead_shape)
+        return y.reshape(*lead_shape, d_model).astype(self.dtype)
+
+    def _sow(
+        self,
+        routing: router.RouterOutput,
+        raw_logits: jax.Array,
+        unit_u: jax.Array,
+        unit_v: jax.Array,
+        lead_shape: tuple[int, ...],
+    ) -> None:
+        """Diagnostics into ``intermediates``; unweighted regularisers into mutable ``losses``."""
+        self.sow("intermediates", "top_k_indices", routing.indices.reshape(*lead_shape, -1))
+        self.sow("intermediates", "coefficients", routing.coefficients.reshape(*lead_shape, -1))
+        self.sow("intermediates", "signal", routing.signal.reshape(lead_shape))
+        if self.is_mutable_collection("losses"):
+            self.sow("losses", "aux", router.load_balance_loss(routing.clipped_logits))
+            self.sow("losses", "budget", router.budget_loss(routing.signal, self.budget_target))
+            self.sow("losses", "frame", router.frame_loss(unit_u, unit_v))
+            self.sow("losses", "z", router.z_loss(raw_logits))
+
+    def _contract(
+        self,
+        x: jax.Array,
+        unit_u: jax.Array,
+        unit_v: jax.Array,
+        routing: router.RouterOutput,
+    ) -> jax.Array:
+        """``((x U_Iᵀ) ⊙ ẑ) V_I`` for ``x: [N, d]``, banks ``[M, d]``; returns ``[N, d]``."""
+        x = x.astype(self.dtype)
+        unit_u = unit_u.astype(self.dtype)
+        unit_v = unit_v.astype(self.dtype)
+        mode = resolve_compute(self.compute, self.num_bases, self.top_k)
+        if mode == "gather":
+            selected_u = jnp.take(unit_u, routing.indices, axis=0)  # [N, K, d]
+            selected_v = jnp.take(unit_v, routing.indices, axis=0)  # [N, K, d]
+            projections = jnp.einsum(
+                "nd,nkd->nk", x, selected_u, preferred_element_type=jnp.float32
+            )
+            coefficients = (projections * routing.coefficients).astype(self.dtype)  # [N, K]
+            return jnp.einsum("nk,nkd->nd", coefficients, selected_v)
+        # "dense": project onto every atom, keep the selected K through a sparse coefficient row.
+        num_tokens = x.shape[0]
+        projections = jnp.einsum("nd,md->nm", x, unit_u, preferred_element_type=jnp.float32)
+        gates = jnp.zeros((num_tokens, self.num_bases), jnp.float32)
+        gates = gates.at[jnp.arange(num_tokens)[:, None], routing.indices].set(routing.coefficients)
+        coefficients = (projections * gates).astype(self.dtype)  # [N, M]
+        return jnp.einsum("nm,md->nd", coefficients, unit_v)
