@@ -233,9 +233,11 @@ def _is_spec_leaf(x: Any) -> bool:
     return isinstance(x, nn.Partitioned | P)
 
 
-def _leaf_sharding(leaf: Any, shape_leaf: Any, mesh: Mesh, rules: Rules) -> NamedSharding:
+def _leaf_sharding(leaf: Any, shape_leaf: Any, mesh: Mesh, rules: Rules) -> Any:
     if isinstance(leaf, nn.Partitioned):
-        names, shape = leaf.names, np.shape(leaf.value)
+        if not hasattr(leaf.value, "shape"):  # e.g. optax MaskedNode: keep the empty node
+            return leaf.value
+        names, shape = leaf.names, leaf.value.shape
     elif isinstance(leaf, P):
         names, shape = tuple(leaf), None
     else:  # unboxed array / ShapeDtypeStruct / scalar: no logical names -> replicated
@@ -341,10 +343,11 @@ def create_sharded(
     def unboxed_init(*a: Any) -> Any:
         return nn.unbox(init_fn(*a))
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_fn, *args)
-        shardings = logical_to_shardings(abstract, mesh, rules)
-        tree = jax.jit(unboxed_init, out_shardings=shardings)(*args)
+    # No mesh/rules context: the out_shardings place every leaf, and Flax would otherwise
+    # apply logical constraints while unboxing inside init (DenseGeneral's fail there).
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = logical_to_shardings(abstract, mesh, rules)
+    tree = jax.jit(unboxed_init, out_shardings=shardings)(*args)
     return tree, shardings
 
 

@@ -234,3 +234,25 @@ def test_initialize_distributed_single_process(monkeypatch: pytest.MonkeyPatch) 
     assert sh.initialize_distributed() is False  # no cluster: plain single-process run
     assert sh.initialize_distributed(num_processes=1) is False
     assert not jax.distributed.is_initialized()
+
+
+class _Heads(nn.Module):
+    """DenseGeneral with a rank-3 logical kernel (its init reshapes a rank-2 kernel)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(), ("embed", "heads", "kv"))
+        return nn.DenseGeneral((4, 2), kernel_init=init, use_bias=False)(x)
+
+
+def test_create_sharded_dense_general_and_masked_optimizer() -> None:
+    mesh = sh.make_mesh((2, 2, 2))
+    tx = optax.masked(optax.adam(1e-3), {"DenseGeneral_0": {"kernel": False}})
+
+    def init_state(k: jax.Array) -> tuple:
+        params = _Heads().init(k, jnp.ones((2, 8)))["params"]
+        return params, tx.init(params)
+
+    (params, opt_state), (_, o_sh) = sh.create_sharded(init_state, mesh, args=(jax.random.key(0),))
+    assert params["DenseGeneral_0"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
+    assert jax.tree.structure(o_sh) == jax.tree.structure(opt_state)
