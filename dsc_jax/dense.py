@@ -1,0 +1,106 @@
+"""Dense FFN baseline (spec §5): ``y = GELU(x W1) W2``, exact erf GELU, no bias."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsc_jax._checks import (
+    check_float_input,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+)
+
+Dtype = Any
+
+#: Standard deviation of every non-residual projection (spec §7).
+INIT_STD = 0.02
+
+
+def model_dim_of(module: nn.Module, param_path: tuple[str, ...], axis: int) -> int | None:
+    """Model dimension ``d`` recorded in an existing parameter, or ``None`` before ``init``.
+
+    Args:
+      module: the Linen module whose ``"params"`` are inspected (inside ``__call__``).
+      param_path: names from the module's own scope down to the array, e.g.
+        ``("wi", "kernel")``.
+      axis: the axis of that array that has length ``d``.
+
+    Reading the shape first lets a layer reject a wrongly shaped input with a clear
+    ``ValueError`` before any matmul fails deep inside XLA.
+    """
+    if not module.has_variable("params", param_path[0]):
+        return None
+    value = nn.unbox(module.get_variable("params", param_path[0]))
+    for name in param_path[1:]:
+        value = nn.unbox(value[name])
+    return int(jnp.shape(value)[axis])
+
+
+class DenseFFN(nn.Module):
+    """Position-wise feed-forward block ``GELU(x W1) W2`` (no bias).
+
+    Attributes:
+      hidden_dim: ``H``, the width of the hidden layer.
+      dropout_rate: dropout on the output when ``deterministic=False``.
+      out_init_std: standard deviation of ``W2`` (a GPT passes ``0.02 / sqrt(2 L)``).
+      dtype: compute dtype; also the output dtype.
+      param_dtype: storage dtype of the parameters.
+
+    Parameters: ``wi/kernel [d, H]`` (``("embed", "mlp")``, normal(0.02)) and
+    ``wo/kernel [H, d]`` (``("mlp", "embed")``, normal(``out_init_std``)).
+    """
+
+    hidden_dim: int
+    dropout_rate: float = 0.0
+    out_init_std: float = INIT_STD
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "hidden_dim", self.hidden_dim)
+        check_probability(owner, "dropout_rate", self.dropout_rate)
+        check_positive_float(owner, "out_init_std", self.out_init_std, allow_zero=True)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Apply the FFN.
+
+        Args:
+          x: ``[..., d]`` floating input.
+          deterministic: disables dropout when ``True``.
+
+        Returns:
+          ``[..., d]`` in ``dtype``.
+        """
+        check_float_input(type(self).__name__, x, model_dim_of(self, ("wi", "kernel"), axis=0))
+        model_dim = x.shape[-1]
+        hidden = nn.Dense(
+            self.hidden_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(INIT_STD), ("embed", "mlp")
+            ),
+            name="wi",
+        )(x)
+        hidden = jax.nn.gelu(hidden, approximate=False)
+        y = nn.Dense(
+            model_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(self.out_init_std), ("mlp", "embed")
+            ),
+            name="wo",
+        )(hidden)
+        y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+        return y.astype(self.dtype)

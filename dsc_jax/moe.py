@@ -1,0 +1,281 @@
+"""Standard top-k mixture-of-experts FFN baseline (spec §5), three equivalent dispatch modes.
+
+Router (float32): ``logits = LayerNorm(x) W_g`` (no bias), ``+ N(0, jitter_std²)`` noise in
+training, ``p = softmax(logits)``, top-k of ``p`` with the weights NOT renormalised. Each
+expert is ``GELU(x W_in[e]) W_out[e]`` (exact erf GELU, no bias).
+
+Dispatch modes (identical results when no token is dropped):
+
+* ``"dense"``: every expert on every token, then a masked combine (``O(E)`` FLOPs per token).
+* ``"dropless"``: token-slots sorted by expert, two ``jax.lax.ragged_dot`` calls with per-expert
+  group sizes over ``N·k`` rows (static shapes, nothing dropped).
+* ``"capacity"``: GShard-style buffers of ``C = ceil(capacity_factor · N · k / E)`` slots per
+  expert; slots beyond ``C`` are dropped (contribute 0). Priority: every token's first choice
+  before any second choice, tokens in order within a choice rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsc_jax._checks import (
+    check_choice,
+    check_float_input,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+)
+from dsc_jax.dense import INIT_STD, Dtype, model_dim_of
+from dsc_jax.router import z_loss
+
+DISPATCH_MODES = ("dense", "dropless", "capacity")
+ROUTER_NORM_EPS = 1e-5
+
+
+def check_top_k(owner: str, top_k: object, num_experts: object) -> None:
+    """Raise unless ``1 <= top_k <= num_experts`` (``num_experts`` already validated)."""
+    check_positive_int(owner, "top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(
+            f"{owner}.top_k={top_k!r} is invalid; expected an integer in "
+            f"[1, num_experts={num_experts!r}]."
+        )
+
+
+def load_balancing_loss(probs: jax.Array, top_k_indices: jax.Array) -> jax.Array:
+    """Switch/GShard auxiliary loss ``E / N² · Σ_e importance_e · load_e``.
+
+    Args:
+      probs: ``[N, E]`` router probabilities (``importance_e = Σ_tokens probs[:, e]``).
+      top_k_indices: ``[N, k]`` chosen experts (``load_e`` = number of assignments to ``e``).
+
+    Returns:
+      float32 scalar; equals ``k`` for a perfectly uniform router. Gradient flows through
+      ``probs`` only (the counts are piecewise constant).
+    """
+    num_tokens, num_experts = probs.shape
+    importance = jnp.sum(probs.astype(jnp.float32), axis=0)
+    load = jnp.sum(jax.nn.one_hot(top_k_indices, num_experts, dtype=jnp.float32), axis=(0, 1))
+    return num_experts / num_tokens**2 * jnp.sum(importance * load)
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """``C = ceil(capacity_factor · N · k / E)``, capped at ``N`` (each token visits once)."""
+    return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
+
+
+def _expert_mlp(tokens: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+    """Batched experts ``GELU(t W_in[e]) W_out[e]``: ``tokens [E, C, d] -> [E, C, d]``."""
+    hidden = jax.nn.gelu(jnp.einsum("ecd,edh->ech", tokens, w_in), approximate=False)
+    return jnp.einsum("ech,ehd->ecd", hidden, w_out)
+
+
+class MoELayer(nn.Module):
+    """Top-k MoE FFN (spec §5 "Standard MoE").
+
+    Attributes:
+      num_experts: ``E``.
+      top_k: experts per token, ``1 <= k <= E``.
+      expert_dim: hidden width ``H_e`` of each expert.
+      dispatch: ``"dense"``, ``"dropless"`` (default) or ``"capacity"``.
+      capacity_factor: ``"capacity"`` mode only; ``C = ceil(capacity_factor · N · k / E)``.
+      jitter_std: std of the Gaussian noise added to the router logits in training.
+      dropout_rate: dropout on the output in training.
+      out_init_std: std of ``expert_out`` (a GPT passes ``0.02 / sqrt(2 L)``).
+      dtype: expert compute dtype and output dtype (the router always computes in float32).
+      param_dtype: storage dtype of every parameter.
+
+    Parameters (logical axes): ``router_norm/{scale,bias} [d]`` (``embed``), ``gate/kernel
+    [d, E]`` (``embed, experts``), ``expert_in [E, d, H]`` (``experts, embed, mlp``),
+    ``expert_out [E, H, d]`` (``experts, mlp, embed``).
+
+    Sown: ``losses/aux`` (:func:`load_balancing_loss`, on the jittered probabilities) and
+    ``losses/z`` (:func:`dsc_jax.router.z_loss` on the logits WITHOUT jitter) when ``"losses"``
+    is mutable; ``intermediates/top_k_indices [..., k]`` int32, ``intermediates/gates [..., k]``
+    float32 and, in ``"capacity"`` mode, ``intermediates/dropped_fraction`` (fraction of the
+    ``N·k`` token-slots dropped).
+    """
+
+    num_experts: int
+    top_k: int
+    expert_dim: int
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    jitter_std: float = 0.01
+    dropout_rate: float = 0.0
+    out_init_std: float = INIT_STD
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "num_experts", self.num_experts)
+        check_top_k(owner, self.top_k, self.num_experts)
+        check_positive_int(owner, "expert_dim", self.expert_dim)
+        check_choice(owner, "dispatch", self.dispatch, DISPATCH_MODES)
+        check_positive_float(owner, "capacity_factor", self.capacity_factor)
+        check_positive_float(owner, "jitter_std", self.jitter_std, allow_zero=True)
+        check_probability(owner, "dropout_rate", self.dropout_rate)
+        check_positive_float(owner, "out_init_std", self.out_init_std, allow_zero=True)
+        super().__post_init__()
+
+    def _route(self, tokens: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array]:
+        """Float32 router. ``tokens: [N, d]`` -> (clean ``logits [N, E]``, ``probs [N, E]``)."""
+        normed = nn.LayerNorm(
+            epsilon=ROUTER_NORM_EPS,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            use_fast_variance=False,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="router_norm",
+        )(tokens.astype(jnp.float32))
+        logits = nn.Dense(
+            self.num_experts,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(INIT_STD), ("embed", "experts")
+            ),
+            name="gate",
+        )(normed)
+        noisy = logits
+        if not deterministic and self.jitter_std > 0:
+            noise = jax.random.normal(self.make_rng("dropout"), logits.shape, jnp.float32)
+            noisy = logits + self.jitter_std * noise
+        return logits, jax.nn.softmax(noisy, axis=-1)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Route each token to ``top_k`` experts and combine their outputs.
+
+        Args:
+          x: ``[..., d]`` floating input.
+          deterministic: ``False`` enables router jitter and dropout (``"dropout"`` rng).
+
+        Returns:
+          ``[..., d]`` in ``dtype``.
+        """
+        check_float_input(type(self).__name__, x, model_dim_of(self, ("expert_in",), axis=1))
+        model_dim = x.shape[-1]
+        num_experts, top_k = self.num_experts, self.top_k
+
+        w_in = self.param(
+            "expert_in",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(INIT_STD), ("experts", "embed", "mlp")
+            ),
+            (num_experts, model_dim, self.expert_dim),
+            self.param_dtype,
+        )
+        w_out = self.param(
+            "expert_out",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(self.out_init_std), ("experts", "mlp", "embed")
+            ),
+            (num_experts, self.expert_dim, model_dim),
+            self.param_dtype,
+        )
+
+        tokens = x.reshape(-1, model_dim)
+        logits, probs = self._route(tokens, deterministic)
+        gates, indices = jax.lax.top_k(probs, top_k)  # [N, k] each, not renormalised
+        indices = indices.astype(jnp.int32)
+
+        if self.is_mutable_collection("losses"):
+            self.sow("losses", "aux", load_balancing_loss(probs, indices))
+            self.sow("losses", "z", z_loss(logits))
+        self.sow("intermediates", "top_k_indices", indices.reshape(*x.shape[:-1], top_k))
+        self.sow("intermediates", "gates", gates.reshape(*x.shape[:-1], top_k))
+
+        tokens = tokens.astype(self.dtype)
+        w_in, w_out = w_in.astype(self.dtype), w_out.astype(self.dtype)
+        if self.dispatch == "dense":
+            y = self._dense_dispatch(tokens, w_in, w_out, indices, gates)
+        elif self.dispatch == "dropless":
+            y = self._dropless_dispatch(tokens, w_in, w_out, indices, gates)
+        else:
+            y = self._capacity_dispatch(tokens, w_in, w_out, indices, gates)
+
+        y = y.reshape((*x.shape[:-1], model_dim))
+        y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+        return y.astype(self.dtype)
+
+    def _dense_dispatch(
+        self,
+        tokens: jax.Array,
+        w_in: jax.Array,
+        w_out: jax.Array,
+        indices: jax.Array,
+        gates: jax.Array,
+    ) -> jax.Array:
+        """Every expert on every token; ``combine [N, E]`` zeroes the unselected ones."""
+        combine = jnp.einsum(
+            "nke,nk->ne", jax.nn.one_hot(indices, self.num_experts, dtype=jnp.float32), gates
+        ).astype(self.dtype)
+        expert_outputs = _expert_mlp(
+            jnp.broadcast_to(tokens, (self.num_experts, *tokens.shape)), w_in, w_out
+        )  # [E, N, d]
+        return jnp.einsum("ne,end->nd", combine, expert_outputs)
+
+    def _dropless_dispatch(
+        self,
+        tokens: jax.Array,
+        w_in: jax.Array,
+        w_out: jax.Array,
+        indices: jax.Array,
+        gates: jax.Array,
+    ) -> jax.Array:
+        """Sort the ``N·k`` token-slots by expert and run grouped matmuls (nothing dropped)."""
+        num_tokens, top_k = indices.shape
+        slot_expert = indices.reshape(-1)  # [N·k], slot s belongs to token s // k
+        order = jnp.argsort(slot_expert, stable=True)
+        group_sizes = jnp.bincount(slot_expert, length=self.num_experts).astype(jnp.int32)
+        sorted_tokens = tokens[order // top_k]  # [N·k, d]
+        hidden = jax.nn.gelu(
+            jax.lax.ragged_dot(sorted_tokens, w_in, group_sizes), approximate=False
+        )
+        sorted_out = jax.lax.ragged_dot(hidden, w_out, group_sizes)  # [N·k, d]
+        slot_out = sorted_out[jnp.argsort(order)].reshape(num_tokens, top_k, -1)
+        return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(self.dtype))
+
+    def _capacity_dispatch(
+        self,
+        tokens: jax.Array,
+        w_in: jax.Array,
+        w_out: jax.Array,
+        indices: jax.Array,
+        gates: jax.Array,
+    ) -> jax.Array:
+        """Fixed ``[E, C, d]`` expert buffers; slots past capacity are dropped."""
+        num_tokens, top_k = indices.shape
+        num_experts = self.num_experts
+        capacity = expert_capacity(self.capacity_factor, num_tokens, top_k, num_experts)
+        # Priority order: choice rank major, token minor -> [k·N, E] one-hot assignments.
+        assignment = jax.nn.one_hot(indices.T.reshape(-1), num_experts, dtype=jnp.int32)
+        position = jnp.sum((jnp.cumsum(assignment, axis=0) - 1) * assignment, axis=-1)
+        position = position.reshape(top_k, num_tokens).T  # [N, k], position inside its expert
+        kept = position < capacity
+        self.sow("intermediates", "dropped_fraction", 1.0 - jnp.mean(kept.astype(jnp.float32)))
+        # Flat buffer row of each slot; dropped slots get distinct rows past the end.
+        out_of_range = num_experts * capacity + jnp.arange(num_tokens * top_k).reshape(
+            num_tokens, top_k
+        )
+        buffer_row = jnp.where(kept, indices * capacity + position, out_of_range).reshape(-1)
+        slot_tokens = jnp.repeat(tokens, top_k, axis=0)  # [N·k, d]
+        buffers = jnp.zeros((num_experts * capacity, tokens.shape[-1]), self.dtype)
+        buffers = buffers.at[buffer_row].set(slot_tokens, mode="drop", unique_indices=True)
+        expert_outputs = _expert_mlp(buffers.reshape(num_experts, capacity, -1), w_in, w_out)
+        slot_out = jnp.take(
+            expert_outputs.reshape(num_experts * capacity, -1),
+            buffer_row,
+            axis=0,
+            mode="fill",
+            fill_value=0,
+        ).reshape(num_tokens, top_k, -1)
+        return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(self.dtype))

@@ -1,0 +1,151 @@
+"""Mixture-of-LoRA-experts FFN baseline (spec §5 "MoLoRA"; not in the reference code).
+
+``y = f(x) + Σ_k g_k (x A_{i_k}) B_{i_k}`` with the static FFN ``f(x) = GELU(x W1) W2``
+(exact erf GELU, no bias) and ``E`` rank-``r`` experts ``A_e: d×r``, ``B_e: r×d``.
+
+Router (float32, on the raw layer input ``x``, no LayerNorm): ``logits = x W_r + b_r``;
+``(l, i) = top_k(logits)``; ``g = softmax(l)`` over the ``k`` selected logits only.
+``B`` is zero-initialised (standard LoRA), so the layer starts as the static FFN.
+The ``k`` selected ``A``/``B`` matrices are gathered per token: ``O(k r d)`` FLOPs per token
+(and a ``[N, k, d, r]`` gathered operand in memory).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsc_jax._checks import (
+    check_float_input,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+)
+from dsc_jax.dense import INIT_STD, Dtype, model_dim_of
+from dsc_jax.moe import check_top_k, load_balancing_loss
+from dsc_jax.router import z_loss
+
+
+class MoLoRALayer(nn.Module):
+    """Static FFN plus top-k routed LoRA experts.
+
+    Attributes:
+      num_experts: ``E``, number of LoRA experts.
+      rank: ``r``, rank of each expert.
+      top_k: experts per token, ``1 <= k <= E``.
+      static_dim: hidden width ``H`` of the static FFN.
+      dropout_rate: dropout on the output in training.
+      out_init_std: std of ``static_out`` (a GPT passes ``0.02 / sqrt(2 L)``).
+      dtype: compute dtype of the FFN and the experts; output dtype (router: float32).
+      param_dtype: storage dtype of every parameter.
+
+    Parameters (logical axes): ``static_in/kernel [d, H]`` (``embed, mlp``),
+    ``static_out/kernel [H, d]`` (``mlp, embed``), ``router/kernel [d, E]``
+    (``embed, experts``), ``router/bias [E]`` (``experts``), ``lora_a [E, d, r]``
+    (``experts, embed, rank``, normal(0.02)), ``lora_b [E, r, d]`` (``experts, rank, embed``,
+    zeros).
+
+    Sown: ``losses/aux`` (:func:`dsc_jax.moe.load_balancing_loss` with ``p = softmax`` over all
+    ``E`` logits) and ``losses/z`` (:func:`dsc_jax.router.z_loss`) when ``"losses"`` is
+    mutable; ``intermediates/top_k_indices [..., k]`` int32 and ``intermediates/gates
+    [..., k]`` float32.
+    """
+
+    num_experts: int
+    rank: int
+    top_k: int
+    static_dim: int
+    dropout_rate: float = 0.0
+    out_init_std: float = INIT_STD
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "num_experts", self.num_experts)
+        check_positive_int(owner, "rank", self.rank)
+        check_top_k(owner, self.top_k, self.num_experts)
+        check_positive_int(owner, "static_dim", self.static_dim)
+        check_probability(owner, "dropout_rate", self.dropout_rate)
+        check_positive_float(owner, "out_init_std", self.out_init_std, allow_zero=True)
+        super().__post_init__()
+
+    def _dense(self, features: int, axes: tuple[str, ...], std: float, name: str) -> nn.Dense:
+        return nn.Dense(
+            features,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Apply the static FFN and the routed LoRA update.
+
+        Args:
+          x: ``[..., d]`` floating input.
+          deterministic: disables dropout when ``True``.
+
+        Returns:
+          ``[..., d]`` in ``dtype``.
+        """
+        check_float_input(type(self).__name__, x, model_dim_of(self, ("lora_a",), axis=1))
+        model_dim = x.shape[-1]
+        num_experts, top_k = self.num_experts, self.top_k
+
+        lora_a = self.param(
+            "lora_a",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(INIT_STD), ("experts", "embed", "rank")
+            ),
+            (num_experts, model_dim, self.rank),
+            self.param_dtype,
+        )
+        lora_b = self.param(
+            "lora_b",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("experts", "rank", "embed")),
+            (num_experts, self.rank, model_dim),
+            self.param_dtype,
+        )
+
+        tokens = x.reshape(-1, model_dim)
+        logits = nn.Dense(
+            num_experts,
+            use_bias=True,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(INIT_STD), ("embed", "experts")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("experts",)),
+            name="router",
+        )(tokens.astype(jnp.float32))  # [N, E]
+        top_logits, indices = jax.lax.top_k(logits, top_k)
+        indices = indices.astype(jnp.int32)
+        gates = jax.nn.softmax(top_logits, axis=-1)  # [N, k], sums to 1
+
+        if self.is_mutable_collection("losses"):
+            probs = jax.nn.softmax(logits, axis=-1)
+            self.sow("losses", "aux", load_balancing_loss(probs, indices))
+            self.sow("losses", "z", z_loss(logits))
+        self.sow("intermediates", "top_k_indices", indices.reshape(*x.shape[:-1], top_k))
+        self.sow("intermediates", "gates", gates.reshape(*x.shape[:-1], top_k))
+
+        tokens = tokens.astype(self.dtype)
+        hidden = self._dense(self.static_dim, ("embed", "mlp"), INIT_STD, "static_in")(tokens)
+        hidden = jax.nn.gelu(hidden, approximate=False)
+        static_out = self._dense(model_dim, ("mlp", "embed"), self.out_init_std, "static_out")
+        y = static_out(hidden)
+
+        selected_a = lora_a.astype(self.dtype)[indices]  # [N, k, d, r]
+        selected_b = lora_b.astype(self.dtype)[indices]  # [N, k, r, d]
+        low_rank = jnp.einsum("nd,nkdr->nkr", tokens, selected_a)
+        low_rank = low_rank * gates.astype(self.dtype)[..., None]
+        y = y + jnp.einsum("nkr,nkrd->nd", low_rank, selected_b)
+
+        y = y.reshape((*x.shape[:-1], model_dim))
+        y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+        return y.astype(self.dtype)
