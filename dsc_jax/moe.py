@@ -187,7 +187,7 @@ class MoELayer(nn.Module):
         gates, indices = jax.lax.top_k(probs, top_k)  # [N, k] each, not renormalised
         indices = indices.astype(jnp.int32)
 
-        if self.is_mutable_collection("losses"):
+        if self.is_mutable_collection("losses") and not self.is_initializing():
             self.sow("losses", "aux", load_balancing_loss(probs, indices))
             self.sow("losses", "z", z_loss(logits))
         self.sow("intermediates", "top_k_indices", indices.reshape(*x.shape[:-1], top_k))

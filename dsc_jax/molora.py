@@ -6,8 +6,9 @@
 Router (float32, on the raw layer input ``x``, no LayerNorm): ``logits = x W_r + b_r``;
 ``(l, i) = top_k(logits)``; ``g = softmax(l)`` over the ``k`` selected logits only.
 ``B`` is zero-initialised (standard LoRA), so the layer starts as the static FFN.
-The ``k`` selected ``A``/``B`` matrices are gathered per token: ``O(k r d)`` FLOPs per token
-(and a ``[N, k, d, r]`` gathered operand in memory).
+Compute: ``x A_e`` for every expert (``[N, E, r]``, small), masked by a gate row that is zero
+off the top-k, then one contraction with ``B``: ``O(E r d)`` FLOPs per token in two
+well-shaped matmuls and no ``[N, k, d, r]`` gathered operand in memory.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class MoLoRALayer(nn.Module):
         indices = indices.astype(jnp.int32)
         gates = jax.nn.softmax(top_logits, axis=-1)  # [N, k], sums to 1
 
-        if self.is_mutable_collection("losses"):
+        if self.is_mutable_collection("losses") and not self.is_initializing():
             probs = jax.nn.softmax(logits, axis=-1)
             self.sow("losses", "aux", load_balancing_loss(probs, indices))
             self.sow("losses", "z", z_loss(logits))
@@ -140,11 +141,14 @@ class MoLoRALayer(nn.Module):
         static_out = self._dense(model_dim, ("mlp", "embed"), self.out_init_std, "static_out")
         y = static_out(hidden)
 
-        selected_a = lora_a.astype(self.dtype)[indices]  # [N, k, d, r]
-        selected_b = lora_b.astype(self.dtype)[indices]  # [N, k, r, d]
-        low_rank = jnp.einsum("nd,nkdr->nkr", tokens, selected_a)
-        low_rank = low_rank * gates.astype(self.dtype)[..., None]
-        y = y + jnp.einsum("nkr,nkrd->nd", low_rank, selected_b)
+        # Every expert's rank-r projection ([N, E, r]: small), weighted by a gate row that is
+        # zero off the top-k, then one contraction with B. Gathering A_k/B_k per token instead
+        # would materialise [N, k, d, r] tensors.
+        dense_gates = jnp.zeros((tokens.shape[0], num_experts), jnp.float32)
+        dense_gates = dense_gates.at[jnp.arange(tokens.shape[0])[:, None], indices].set(gates)
+        low_rank = jnp.einsum("nd,edr->ner", tokens, lora_a.astype(self.dtype))
+        low_rank = low_rank * dense_gates.astype(self.dtype)[..., None]
+        y = y + jnp.einsum("ner,erd->nd", low_rank, lora_b.astype(self.dtype))
 
         y = y.reshape((*x.shape[:-1], model_dim))
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
