@@ -1,0 +1,373 @@
+"""Iso-active parameter solver (spec §6, paper Appendix A.2) plus exact parameter counting.
+
+Budget accounting (the closed forms the solver matches to the targets; ``d`` model width,
+``L`` layers, ``V`` vocabulary, ``T`` context)::
+
+    fixed = V·d + T·d + L·4d² + L·4d + 2d  (+ V·d untied head)
+    C_tot = (P_total - fixed) / L,  C_act = (P_active - fixed) / L     # per layer
+    dense:  total = active = 2dH
+    moe:    total = E·2dH + dE,        active = k·2dH + dE             # gate only
+    dsc:    total = 2dH + dM + 2dM,    active = 2dH + dM + 2dK         # router weight only
+    molora: total = 2dH + dE + 2drE,   active = 2dH + dE + 2drk        # router weight only
+
+The budget forms leave out the small vectors every token still uses (router LayerNorm,
+router bias, DSC ``γ``). :func:`count_params` counts the real tree instead (see there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from dsc_jax._checks import check_choice, check_positive_int
+from dsc_jax.gpt import GPT, GPTConfig
+
+SOLVER_KINDS = ("dense", "moe", "dsc", "molora")
+DEFAULT_TOP_K = {"dense": None, "moe": 2, "dsc": 4, "molora": 2}
+MIN_HIDDEN = 32  # spec §6: smallest FFN hidden width the solver accepts
+MAX_MOE_EXPERTS = 255  # spec §6: E = k+1 ... 255
+DEFAULT_MOLORA_EXPERTS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class IsoActiveSolution:
+    """Result of :func:`solve_iso_active`.
+
+    Attributes:
+      kind: ``"dense"``, ``"moe"``, ``"dsc"`` or ``"molora"``.
+      hidden: FFN hidden width: dense ``H``, MoE expert ``H_e``, DSC / MoLoRA static ``H``.
+      top_k: experts (MoE, MoLoRA) or atoms (DSC) per token; ``None`` for dense.
+      num_experts: ``E`` (MoE, MoLoRA), else ``None``.
+      num_bases: ``M`` (DSC), else ``None``.
+      rank: LoRA rank ``r`` (MoLoRA), else ``None``.
+      config: ready :class:`GPTConfig` with ``ffn=kind`` and the solved dims.
+      total_params: exact count of the initialised parameter tree.
+      active_params: exact per-token count, see :func:`count_params`.
+      budget_total_params, budget_active_params: the spec §6 accounting (module docstring)
+        that the solver matches to the targets; the paper reports these for ``active``.
+      fixed_params: the non-FFN parameters (exact; equal to the §6 ``fixed`` term).
+    """
+
+    kind: str
+    hidden: int
+    top_k: int | None
+    num_experts: int | None
+    num_bases: int | None
+    rank: int | None
+    config: GPTConfig
+    total_params: int
+    active_params: int
+    budget_total_params: int
+    budget_active_params: int
+    fixed_params: int
+
+    def summary(self) -> str:
+        """One line, e.g. ``dsc: M=1523 K=4 H=327 | total 35.01 M, active 28.01 M ...``."""
+        dims = {"E": self.num_experts, "M": self.num_bases, "r": self.rank, "k": self.top_k}
+        text = " ".join(f"{key}={value}" for key, value in dims.items() if value is not None)
+        return (
+            f"{self.kind}: {text + ' ' if text else ''}H={self.hidden} | total "
+            f"{self.total_params / 1e6:.2f} M, active {self.active_params / 1e6:.2f} M "
+            f"(budget accounting: {self.budget_total_params / 1e6:.2f} M / "
+            f"{self.budget_active_params / 1e6:.2f} M)"
+        )
+
+
+def fixed_param_count(
+    d_model: int, num_layers: int, vocab_size: int, seq_len: int, tie_embeddings: bool = True
+) -> int:
+    """Non-FFN parameters: ``V·d + T·d + L·4d² + L·4d + 2d`` (+ ``V·d`` untied head)."""
+    d = d_model
+    fixed = vocab_size * d + seq_len * d + num_layers * (4 * d * d + 4 * d) + 2 * d
+    return fixed if tie_embeddings else fixed + vocab_size * d
+
+
+def budget_ffn_params(cfg: GPTConfig) -> tuple[int, int]:
+    """Per-layer ``(total, active)`` FFN parameters in the spec §6 budget accounting."""
+    d = cfg.d_model
+    if cfg.ffn == "dense":
+        return 2 * d * cfg.dense_hidden, 2 * d * cfg.dense_hidden
+    if cfg.ffn == "moe":
+        e, k, h = cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_hidden
+        return e * 2 * d * h + d * e, k * 2 * d * h + d * e
+    if cfg.ffn == "dsc":
+        m, k, h = cfg.dsc_num_bases, cfg.dsc_top_k, cfg.dsc_static_dim
+        return 2 * d * h + 3 * d * m, 2 * d * h + d * m + 2 * d * k
+    e, k, h, r = cfg.molora_num_experts, cfg.molora_top_k, cfg.molora_static_dim, cfg.molora_rank
+    return 2 * d * h + d * e + 2 * d * r * e, 2 * d * h + d * e + 2 * d * r * k
+
+
+def closed_form_params(cfg: GPTConfig) -> tuple[int, int]:
+    """Exact ``(total, active)`` of ``GPT(cfg)`` by formula (must equal :func:`count_params`).
+
+    Adds to :func:`budget_ffn_params` the vectors the budget leaves out: MoE router LayerNorm
+    ``2d``; DSC router bias ``M`` plus (refined) router LayerNorm ``2d`` and ``γ`` ``d`` or
+    (basic) scalar ``γ``; MoLoRA router bias ``E``. All of them count as active.
+    """
+    d = cfg.d_model
+    total, active = budget_ffn_params(cfg)
+    extra = 0
+    if cfg.ffn == "moe":
+        extra = 2 * d
+    elif cfg.ffn == "dsc":
+        extra = cfg.dsc_num_bases + (3 * d if cfg.dsc_variant == "refined" else 1)
+    elif cfg.ffn == "molora":
+        extra = cfg.molora_num_experts
+    fixed = fixed_param_count(
+        d, cfg.num_layers, cfg.vocab_size, cfg.max_seq_len, cfg.tie_embeddings
+    )
+    return fixed + cfg.num_layers * (total + extra), fixed + cfg.num_layers * (active + extra)
+
+
+def param_shapes(cfg: GPTConfig) -> dict[str, Any]:
+    """Unboxed ``params`` tree of ``GPT(cfg)`` as ``jax.ShapeDtypeStruct`` (no FLOPs, no memory)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: GPT(cfg).init(jax.random.key(0), tokens))
+    return nn.unbox(variables["params"])
+
+
+def _inactive_fraction(cfg: GPTConfig, name: str) -> Fraction:
+    """Fraction of an FFN parameter that a single token does not use."""
+    if cfg.ffn == "moe" and name in ("expert_in", "expert_out"):
+        return Fraction(cfg.moe_num_experts - cfg.moe_top_k, cfg.moe_num_experts)
+    if cfg.ffn == "molora" and name in ("lora_a", "lora_b"):
+        return Fraction(cfg.molora_num_experts - cfg.molora_top_k, cfg.molora_num_experts)
+    if cfg.ffn == "dsc" and name in ("basis_u", "basis_v"):
+        return Fraction(cfg.dsc_num_bases - cfg.dsc_top_k, cfg.dsc_num_bases)
+    return Fraction(0)
+
+
+def count_params(cfg: GPTConfig) -> tuple[int, int]:
+    """Exact ``(total, active)`` counted from ``jax.eval_shape(GPT(cfg).init, ...)``.
+
+    Rule: ``active = total − Σ_layers inactive``, where inactive is the weights of the
+    ``E − k`` unselected experts (MoE ``expert_in``/``expert_out``; MoLoRA ``lora_a``/
+    ``lora_b``) or the ``M − K`` unselected atoms' rows of DSC ``basis_u``/``basis_v``
+    (``2d(M − K)``). Everything else (embeddings, attention, LayerNorms, static FFNs, routers
+    with their biases and LayerNorms, ``γ``) is used by every token and counts as active.
+    """
+    flat = traverse_util.flatten_dict(param_shapes(cfg))
+    total, inactive = 0, Fraction(0)
+    for path, leaf in flat.items():
+        size = math.prod(leaf.shape)
+        total += size
+        if len(path) >= 2 and path[-2] == "ffn":
+            inactive += size * _inactive_fraction(cfg, path[-1])
+    if inactive.denominator != 1:
+        raise AssertionError(f"non-integer inactive parameter count {inactive} for {cfg}")
+    return total, total - int(inactive)
+
+
+def _floor(value: Fraction) -> int:
+    return math.floor(value)
+
+
+def _as_fraction(name: str, value: Any) -> Fraction:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"solve_iso_active: {name}={value!r} is invalid; expected a number > 0.")
+    return Fraction(value)
+
+
+def solve_iso_active(
+    kind: str,
+    *,
+    total_params: float,
+    active_params: float | None = None,
+    d_model: int = 384,
+    num_layers: int = 6,
+    num_heads: int = 6,
+    vocab_size: int = 50304,
+    seq_len: int = 256,
+    top_k: int | None = None,
+    num_experts: int | None = None,
+    tie_embeddings: bool = True,
+    min_hidden: int = MIN_HIDDEN,
+    max_experts: int = MAX_MOE_EXPERTS,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> IsoActiveSolution:
+    """Size the FFN of ``kind`` so the model hits ``total_params`` / ``active_params`` (spec §6).
+
+    * dense: ``H = ⌊C_tot / 2d⌋`` (``active_params`` is ignored: dense is all-active).
+    * moe (``top_k`` default 2): for ``E = k+1 … max_experts``: ``avail = C_act − dE``, skip
+      when ``avail < 2d·min_hidden·k``, ``H = ⌊avail / 2dk⌋``; pick the ``E`` minimising
+      ``|E·2dH + dE − C_tot|`` (first on ties).
+    * dsc (``top_k`` = K, default 4): ``M = ⌊(C_tot − C_act + 2dK) / 2d⌋``,
+      ``H = ⌊(C_act − dM − 2dK) / 2d⌋``; if ``H < min_hidden``: ``H = min_hidden``,
+      ``M = ⌊(C_act − 2dH − 2dK) / d⌋``.
+    * molora (not in the paper; ``top_k`` default 2, ``num_experts`` default 16, both fixed):
+      the rank spends the inactive budget, ``r = ⌊(C_tot − C_act) / (2d(E − k))⌋``, the static
+      FFN the active one, ``H = ⌊(C_act − dE − 2dkr) / 2d⌋``; if ``H < min_hidden``:
+      ``H = min_hidden``, ``r = ⌊(C_act − dE − 2dH) / 2dk⌋``.
+
+    Args:
+      kind: one of :data:`SOLVER_KINDS`.
+      total_params, active_params: targets (``active`` required and ``< total`` for the
+        sparse kinds).
+      d_model, num_layers, num_heads, vocab_size, seq_len: the transformer (``seq_len`` is
+        ``max_seq_len``, the learned position table).
+      top_k, num_experts: see above.
+      tie_embeddings: untied adds ``V·d`` to the fixed parameters.
+      min_hidden, max_experts: the spec's 32 and 255.
+      config_overrides: further :class:`GPTConfig` fields (e.g. ``dropout_rate``, ``dtype``);
+        they must not name the solved fields.
+
+    Returns:
+      :class:`IsoActiveSolution` with counts from the real parameter tree.
+
+    Raises:
+      ValueError: bad arguments, or targets that leave no room (naming the values).
+    """
+    owner = "solve_iso_active"
+    check_choice(owner, "kind", kind, SOLVER_KINDS)
+    for name, value in (
+        ("d_model", d_model),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("vocab_size", vocab_size),
+        ("seq_len", seq_len),
+        ("min_hidden", min_hidden),
+    ):
+        check_positive_int(owner, name, value)
+    d, L = d_model, num_layers
+    fixed = fixed_param_count(d, L, vocab_size, seq_len, tie_embeddings)
+    p_total = _as_fraction("total_params", total_params)
+    c_tot = (p_total - fixed) / L
+    if c_tot <= 0:
+        raise ValueError(
+            f"{owner}: total_params={total_params!r} leaves no room for FFNs: the fixed "
+            f"(non-FFN) parameters are {fixed}."
+        )
+    if num_experts is not None and kind != "molora":
+        raise ValueError(
+            f"{owner}: num_experts={num_experts!r} only applies to kind='molora' (MoE searches E)."
+        )
+    k = top_k if top_k is not None else DEFAULT_TOP_K[kind]
+    dims: dict[str, Any] = {}
+    if kind == "dense":
+        hidden = _floor(c_tot / (2 * d))
+        if hidden < 1:
+            raise ValueError(f"{owner}: total_params={total_params!r} gives dense hidden {hidden}.")
+        dims = {"dense_hidden": hidden}
+    else:
+        check_positive_int(owner, "top_k", k)
+        if active_params is None:
+            raise ValueError(f"{owner}: active_params is required for kind={kind!r}.")
+        p_act = _as_fraction("active_params", active_params)
+        if p_act >= p_total:
+            raise ValueError(
+                f"{owner}: active_params={active_params!r} must be < total_params="
+                f"{total_params!r} for kind={kind!r}."
+            )
+        c_act = (p_act - fixed) / L
+        if c_act <= 0:
+            raise ValueError(
+                f"{owner}: active_params={active_params!r} leaves no room for FFNs: the fixed "
+                f"(non-FFN) parameters are {fixed}."
+            )
+        solve = {"moe": _solve_moe, "dsc": _solve_dsc, "molora": _solve_molora}[kind]
+        dims = solve(d, k, c_tot, c_act, min_hidden, max_experts, num_experts)
+    overrides = dict(config_overrides or {})
+    clash = sorted(set(overrides) & {*dims, "ffn", "d_model", "num_layers", "num_heads"})
+    if clash:
+        raise ValueError(f"{owner}: config_overrides may not set solved/explicit fields {clash}.")
+    cfg = GPTConfig(
+        vocab_size=vocab_size,
+        max_seq_len=seq_len,
+        num_layers=L,
+        num_heads=num_heads,
+        d_model=d,
+        ffn=kind,
+        tie_embeddings=tie_embeddings,
+        **dims,
+        **overrides,
+    )
+    total, active = count_params(cfg)
+    budget_total, budget_active = budget_ffn_params(cfg)
+    return IsoActiveSolution(
+        kind=kind,
+        hidden=next(v for key, v in dims.items() if key.endswith(("hidden", "static_dim"))),
+        top_k=dims.get("moe_top_k", dims.get("dsc_top_k", dims.get("molora_top_k"))),
+        num_experts=dims.get("moe_num_experts", dims.get("molora_num_experts")),
+        num_bases=dims.get("dsc_num_bases"),
+        rank=dims.get("molora_rank"),
+        config=cfg,
+        total_params=total,
+        active_params=active,
+        budget_total_params=fixed + L * budget_total,
+        budget_active_params=fixed + L * budget_active,
+        fixed_params=fixed,
+    )
+
+
+def _solve_moe(
+    d: int, k: int, c_tot: Fraction, c_act: Fraction, min_hidden: int, max_experts: int, _: Any
+) -> dict[str, int]:
+    best: tuple[Fraction, int, int] | None = None
+    for experts in range(k + 1, max_experts + 1):
+        avail = c_act - d * experts
+        if avail < 2 * d * min_hidden * k:
+            continue
+        hidden = _floor(avail / (2 * d * k))
+        cost = abs(experts * 2 * d * hidden + d * experts - c_tot)
+        if best is None or cost < best[0]:
+            best = (cost, experts, hidden)
+    if best is None:
+        raise ValueError(
+            f"solve_iso_active: no MoE with top_k={k} and E in [{k + 1}, {max_experts}] fits the "
+            f"per-layer active budget {float(c_act):.1f} (needs >= d·E + 2d·{min_hidden}·k)."
+        )
+    _, experts, hidden = best
+    return {"moe_num_experts": experts, "moe_top_k": k, "moe_hidden": hidden}
+
+
+def _solve_dsc(
+    d: int, k: int, c_tot: Fraction, c_act: Fraction, min_hidden: int, _: int, __: Any
+) -> dict[str, int]:
+    bases = _floor((c_tot - c_act + 2 * d * k) / (2 * d))
+    hidden = _floor((c_act - d * bases - 2 * d * k) / (2 * d))
+    if hidden < min_hidden:
+        hidden = min_hidden
+        bases = _floor((c_act - 2 * d * hidden - 2 * d * k) / d)
+    if bases < k:
+        raise ValueError(
+            f"solve_iso_active: DSC targets leave M={bases} atoms < top_k={k} (per-layer budgets "
+            f"total {float(c_tot):.1f}, active {float(c_act):.1f}, static H={hidden})."
+        )
+    return {"dsc_num_bases": bases, "dsc_top_k": k, "dsc_static_dim": hidden}
+
+
+def _solve_molora(
+    d: int,
+    k: int,
+    c_tot: Fraction,
+    c_act: Fraction,
+    min_hidden: int,
+    _: int,
+    num_experts: int | None,
+) -> dict[str, int]:
+    experts = DEFAULT_MOLORA_EXPERTS if num_experts is None else num_experts
+    check_positive_int("solve_iso_active", "num_experts", experts, minimum=k + 1)
+    rank = _floor((c_tot - c_act) / (2 * d * (experts - k)))
+    hidden = _floor((c_act - d * experts - 2 * d * k * rank) / (2 * d))
+    if hidden < min_hidden:
+        hidden = min_hidden
+        rank = _floor((c_act - d * experts - 2 * d * hidden) / (2 * d * k))
+    if rank < 1:
+        raise ValueError(
+            f"solve_iso_active: MoLoRA targets leave rank {rank} < 1 (E={experts}, top_k={k}, "
+            f"per-layer budgets total {float(c_tot):.1f}, active {float(c_act):.1f})."
+        )
+    return {
+        "molora_num_experts": experts,
+        "molora_top_k": k,
+        "molora_rank": rank,
+        "molora_static_dim": hidden,
+    }

@@ -1,0 +1,174 @@
+"""Iso-active solver (spec §6): the paper's numbers, exact counts, MoLoRA budgets, bad targets.
+
+All counts come from ``jax.eval_shape`` of the real model (no parameters are materialised).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dsc_jax.gpt import GPTConfig
+from dsc_jax.solver import (
+    budget_ffn_params,
+    closed_form_params,
+    count_params,
+    fixed_param_count,
+    solve_iso_active,
+)
+
+PAPER = dict(d_model=384, num_layers=6, num_heads=6, vocab_size=50304, seq_len=256)
+TOTAL, ACTIVE = 35e6, 28e6
+
+
+def millions(count: int) -> float:
+    return round(count / 1e6, 2)
+
+
+@pytest.fixture(scope="module")
+def paper_solutions():
+    return {
+        kind: solve_iso_active(kind, total_params=TOTAL, active_params=ACTIVE, **PAPER)
+        for kind in ("dense", "moe", "dsc", "molora")
+    }
+
+
+def test_fixed_parameters_of_the_paper_model():
+    assert fixed_param_count(384, 6, 50304, 256) == 22_963_968
+    assert fixed_param_count(384, 6, 50304, 256, tie_embeddings=False) == 22_963_968 + 50304 * 384
+
+
+def test_paper_dense(paper_solutions):
+    sol = paper_solutions["dense"]
+    assert sol.hidden == 2611 and sol.config.dense_hidden == 2611
+    assert sol.total_params == sol.active_params == 34_995_456
+    assert millions(sol.total_params) == 35.00
+
+
+def test_paper_moe(paper_solutions):
+    sol = paper_solutions["moe"]
+    assert (sol.num_experts, sol.top_k, sol.hidden) == (5, 2, 545)
+    cfg = sol.config
+    assert (cfg.ffn, cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_hidden) == ("moe", 5, 2, 545)
+    assert sol.total_params == 35_536_896 and millions(sol.total_params) == 35.54
+    assert sol.active_params == 28_002_816 and millions(sol.active_params) == 28.00
+    assert millions(sol.budget_active_params) == 28.00
+
+
+def test_paper_dsc(paper_solutions):
+    sol = paper_solutions["dsc"]
+    assert (sol.num_bases, sol.top_k, sol.hidden) == (1523, 4, 327)
+    cfg = sol.config
+    assert (cfg.dsc_num_bases, cfg.dsc_top_k, cfg.dsc_static_dim) == (1523, 4, 327)
+    assert sol.total_params == 35_013_810 and millions(sol.total_params) == 35.01
+    # The paper's 28.00 M is the §6 budget accounting (router weight, no router bias /
+    # LayerNorm / γ). Counting those per-token vectors too gives 28.01 M.
+    assert sol.budget_active_params == 27_998_208 and millions(sol.budget_active_params) == 28.00
+    assert sol.active_params == 28_014_258
+    assert sol.active_params - sol.budget_active_params == 6 * (1523 + 3 * 384)
+    assert "M=1523" in sol.summary() and "35.01 M" in sol.summary()
+
+
+def test_paper_defaults_match_solutions(paper_solutions):
+    default = GPTConfig()
+    for sol in paper_solutions.values():
+        for key, value in sol.config.to_dict().items():
+            if key.startswith(sol.kind + "_") or key in PAPER:
+                assert getattr(default, key) == value, (sol.kind, key)
+
+
+def test_paper_molora_within_budget(paper_solutions):
+    sol = paper_solutions["molora"]
+    d, layers = 384, 6
+    assert (sol.num_experts, sol.top_k, sol.rank, sol.hidden) == (16, 2, 108, 868)
+    # Floors only ever undershoot, each by less than one unit of the solved dimension.
+    assert 0 <= TOTAL - sol.budget_total_params < layers * 2 * d * (16 - 2 + 1)
+    assert 0 <= ACTIVE - sol.budget_active_params < layers * 2 * d * (1 + 2)
+    assert sol.total_params <= TOTAL and abs(sol.active_params - ACTIVE) < 0.001 * ACTIVE
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"ffn": "dense"},
+        {"ffn": "moe", "moe_num_experts": 3, "moe_top_k": 1},
+        {"ffn": "molora", "molora_num_experts": 5, "molora_rank": 3},
+        {"ffn": "dsc"},
+        {"ffn": "dsc", "dsc_variant": "basic", "tie_embeddings": False},
+    ],
+)
+def test_tree_counts_equal_closed_form(overrides):
+    cfg = GPTConfig(
+        vocab_size=96,
+        max_seq_len=12,
+        num_layers=3,
+        num_heads=2,
+        d_model=16,
+        dsc_num_bases=10,
+        dsc_top_k=3,
+        **overrides,
+    )
+    total, active = count_params(cfg)
+    assert (total, active) == closed_form_params(cfg)
+    fixed = fixed_param_count(16, 3, 96, 12, cfg.tie_embeddings)
+    budget_total, budget_active = budget_ffn_params(cfg)
+    assert total >= fixed + 3 * budget_total and active >= fixed + 3 * budget_active
+    assert active < total if cfg.ffn != "dense" else active == total
+
+
+def test_dsc_small_static_fallback():
+    """Active budget too small for H >= 32: H = 32 and M from the active budget."""
+    sol = solve_iso_active("dsc", total_params=TOTAL, active_params=24e6, **PAPER)
+    c_act = (24e6 - 22_963_968) / 6
+    assert sol.hidden == 32
+    assert sol.num_bases == math.floor((c_act - 2 * 384 * 32 - 2 * 384 * 4) / 384) == 377
+    assert sol.active_params <= 24e6 + 6 * (377 + 3 * 384)
+
+
+def test_moe_every_candidate_respects_minimum_hidden():
+    sol = solve_iso_active("moe", total_params=40e6, active_params=23.2e6, top_k=1, **PAPER)
+    assert sol.hidden >= 32 and sol.num_experts >= 2
+
+
+def test_untied_and_overrides():
+    sol = solve_iso_active(
+        "dsc",
+        total_params=55e6,
+        active_params=48e6,
+        tie_embeddings=False,
+        config_overrides={"dropout_rate": 0.0, "dtype": "bfloat16"},
+        **PAPER,
+    )
+    assert sol.config.tie_embeddings is False and sol.config.dtype == "bfloat16"
+    assert sol.fixed_params == 22_963_968 + 50304 * 384
+    assert abs(sol.budget_active_params - 48e6) < 6 * 2 * 384
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "match"),
+    [
+        ("dsc", {"total_params": 20e6, "active_params": 10e6}, "total_params=20000000.0"),
+        ("dense", {"total_params": 22e6}, "fixed"),
+        ("dsc", {"total_params": 35e6, "active_params": 22e6}, "active_params=22000000.0"),
+        ("dsc", {"total_params": 28e6, "active_params": 35e6}, "must be < total_params"),
+        ("moe", {"total_params": 35e6, "active_params": 35e6}, "must be < total_params"),
+        ("dsc", {"total_params": 35e6, "active_params": 23_132_160}, "M=1 atoms < top_k=4"),
+        ("moe", {"total_params": 35e6, "active_params": 23.1e6}, "no MoE with top_k=2"),
+        ("molora", {"total_params": 28.0001e6, "active_params": 28e6}, "rank 0 < 1"),
+        ("molora", {"total_params": 35e6, "active_params": 28e6, "top_k": 16}, "num_experts"),
+        ("moe", {"total_params": 35e6}, "active_params is required"),
+        ("moe", {"total_params": 35e6, "active_params": 28e6, "num_experts": 8}, "num_experts"),
+        ("mlp", {"total_params": 35e6}, "kind"),
+        ("dsc", {"total_params": -1, "active_params": 1}, "total_params=-1"),
+        ("dsc", {"total_params": 35e6, "active_params": 28e6, "top_k": 0}, "top_k"),
+        (
+            "dsc",
+            {"total_params": 35e6, "active_params": 28e6, "config_overrides": {"ffn": "moe"}},
+            "config_overrides",
+        ),
+    ],
+)
+def test_bad_targets_raise(kind, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        solve_iso_active(kind, **kwargs, **PAPER)
