@@ -1,0 +1,21 @@
+"""Paper recipe (spec §7/§8), Standard MoE FFN: E=5 experts of H=545,
+top-2, N(0, 0.01) logit jitter (35.54 M total / 28 M active).
+
+    python train.py --config=configs/paper_moe.py --workdir=runs/paper_moe
+
+Needs WikiText-103 (local copy via --config.data.wikitext_dir=..., or a download) and the
+GPT-2 BPE (tiktoken); see README. The shared recipe, every field commented, is
+dsc_jax.train.presets.paper_recipe.
+"""
+
+from dsc_jax.train.presets import paper_recipe
+
+
+def get_config():
+    """The paper recipe with the moe FFN."""
+    c = paper_recipe("moe")
+    c.model.moe_num_experts = 5  # E
+    c.model.moe_top_k = 2  # experts per token
+    c.model.moe_hidden = 545  # H_e, expert width
+    c.model.moe_jitter_std = 0.01  # N(0, 0.01) noise on the gate logits in training
+    return c

@@ -1,0 +1,75 @@
+"""Command line: ``dsc-train`` / ``python train.py``.
+
+    dsc-train --config=configs/default.py --workdir=runs/default [--config.key=value ...]
+
+Running again with the same ``--workdir`` resumes from its newest intact checkpoint.
+Configuration and data-setup errors are printed as one clear message (no traceback).
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Define ``--config`` (an ml_collections config file) and ``--workdir`` (idempotent)."""
+    if "config" not in FLAGS:
+        config_flags.DEFINE_config_file(
+            "config",
+            None,
+            "Training config file (e.g. configs/default.py); override fields with "
+            "--config.key=value.",
+            lock_config=True,
+        )
+    if "workdir" not in FLAGS:
+        flags.DEFINE_string(
+            "workdir", None, "Run folder for checkpoints and metrics; an existing run resumes."
+        )
+
+
+def main(argv: Sequence[str]) -> None:
+    """absl entry point: validate the config, then train and evaluate."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required (e.g. --config=configs/default.py).")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (e.g. --workdir=runs/default).")
+    # Imported here so that `--help` and flag errors need no JAX start-up.
+    from dsc_jax.train.config import validate_config
+    from dsc_jax.train.trainer import NonFiniteLossError, train_and_evaluate
+
+    try:
+        validate_config(FLAGS.config)
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, ImportError, NonFiniteLossError) as err:
+        # Bad config, missing data or optional dependency, incompatible checkpoint, NaN loss:
+        # one clear line; the traceback only with --verbosity=1.
+        logging.debug("traceback of the error below", exc_info=True)
+        sys.exit(f"dsc-train: error: {err}\n(run with --verbosity=1 for the traceback)")
+    logging.info("%s at step %d", result["status"], result["step"])
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drop INFO records of libraries (orbax, jax, ...) unless ``--verbosity >= 1``; keep
+    everything from dsc_jax and every warning."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING or "dsc_jax" in record.pathname:
+            return True
+        return FLAGS.verbosity >= 1
+
+
+def run() -> None:
+    """Console-script entry point (``dsc-train``)."""
+    define_flags()
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    app.run(main)

@@ -1,0 +1,133 @@
+"""Routing and bank diagnostics at evaluation (DSC, and the routed baselines where they apply).
+
+Per routed layer (any module that sows ``top_k_indices`` into ``"intermediates"``; its path,
+e.g. ``block_0/ffn``, names it), over all evaluation tokens:
+
+* ``used_frac``: fraction of the ``M`` atoms (or ``E`` experts) selected at least once;
+* ``usage_entropy``: entropy (nats) of the selection histogram ``p_j = n_j / Σ n``;
+  ``usage_entropy_norm`` = that / ``log M`` (1 = uniform);
+* DSC only (layers that sow ``signal``): ``mean_signal`` = mean ``S``, and
+  ``signal_collapse_frac`` = fraction of tokens with ``S < 0.1``;
+* DSC only (layers with ``basis_u``/``basis_v``): ``erank_u``, ``erank_v`` = effective rank
+  ``exp(H(σ / Σσ))`` (Roy & Vetterli 2007) of the row-normalised bank ``[M, d]``.
+
+Metric keys are ``diag/<layer path>/<name>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsc_jax.router import normalize_rows
+
+SIGNAL_COLLAPSE_THRESHOLD = 0.1
+
+
+def _sown(value: Any) -> list[jax.Array]:
+    """The arrays sown under one name (``sow`` stores a tuple, one entry per call)."""
+    return [jnp.asarray(v) for v in jax.tree.leaves(value)]
+
+
+def _pool_size(params: Mapping[str, Any] | None) -> int | None:
+    """Number of atoms / experts of a routed layer, from its parameters."""
+    if not params:
+        return None
+    if "basis_u" in params:
+        return int(params["basis_u"].shape[0])
+    for name in ("router", "gate"):
+        if name in params and "kernel" in params[name]:
+            return int(params[name]["kernel"].shape[-1])
+    return None
+
+
+def routing_statistics(intermediates: Mapping[str, Any], params: Any) -> dict[str, Any]:
+    """Per-layer float32 sums from one batch's ``"intermediates"`` (traceable, static shapes).
+
+    Args:
+      intermediates: the collection returned by ``apply(..., mutable=["intermediates"])``.
+      params: the model parameters (the same tree paths give each layer's pool size).
+
+    Returns:
+      ``{layer_path: {"usage": [M] selection counts, "tokens": token count,
+      ["signal_sum", "collapsed"]}}``; sums over batches add leaf-wise.
+    """
+    stats: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], layer_params: Any, path: str) -> None:
+        if "top_k_indices" in node:
+            pool = _pool_size(layer_params)
+            indices = jnp.concatenate([i.reshape(-1) for i in _sown(node["top_k_indices"])])
+            if pool is not None:
+                entry = {"usage": jnp.zeros((pool,), jnp.float32).at[indices].add(1.0)}
+                top_k = _sown(node["top_k_indices"])[0].shape[-1]
+                entry["tokens"] = jnp.asarray(indices.size // top_k, jnp.float32)
+                if "signal" in node:
+                    signal = jnp.concatenate([s.reshape(-1) for s in _sown(node["signal"])])
+                    entry["signal_sum"] = jnp.sum(signal.astype(jnp.float32))
+                    entry["collapsed"] = jnp.sum(
+                        (signal < SIGNAL_COLLAPSE_THRESHOLD).astype(jnp.float32)
+                    )
+                stats[path] = entry
+        for key, child in node.items():
+            if isinstance(child, Mapping):
+                sub_params = layer_params.get(key) if isinstance(layer_params, Mapping) else None
+                walk(child, sub_params, f"{path}/{key}" if path else str(key))
+
+    walk(intermediates, params, "")
+    return stats
+
+
+def effective_rank(matrix: jax.Array) -> jax.Array:
+    """``exp(-Σ p_i log p_i)`` with ``p = σ / Σσ`` the normalised singular values of ``[m, n]``."""
+    sigma = jnp.linalg.svd(matrix.astype(jnp.float32), compute_uv=False)
+    p = sigma / jnp.maximum(jnp.sum(sigma), 1e-30)
+    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+
+
+def bank_effective_ranks(params: Any, eps: float = 1e-6) -> dict[str, jax.Array]:
+    """``{"diag/<layer>/erank_u": ..., "diag/<layer>/erank_v": ...}`` for every DSC bank."""
+    out: dict[str, jax.Array] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if not isinstance(node, Mapping):
+            return
+        for name, key in (("basis_u", "erank_u"), ("basis_v", "erank_v")):
+            if name in node:
+                out[f"diag/{path}/{key}"] = effective_rank(normalize_rows(node[name], eps))
+        for key, child in node.items():
+            walk(child, f"{path}/{key}" if path else str(key))
+
+    walk(params, "")
+    return out
+
+
+def finalize_eval(sums: Mapping[str, Any]) -> dict[str, float]:
+    """Host-side metrics from the summed :func:`dsc_jax.train.steps.eval_step` outputs.
+
+    Returns:
+      ``eval_loss`` (mean token NLL), ``eval_ppl`` (``exp`` of it) and the per-layer
+      ``diag/<layer>/...`` routing metrics (see the module docstring).
+    """
+    sums = jax.device_get(sums)
+    loss = float(sums["loss_sum"]) / max(float(sums["tokens"]), 1.0)
+    out = {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0)))}
+    for layer, entry in sums.get("routing", {}).items():
+        usage = np.asarray(entry["usage"], np.float64)
+        total = max(usage.sum(), 1.0)
+        p = usage / total
+        nz = p[p > 0]
+        entropy = float(-(nz * np.log(nz)).sum())
+        prefix = f"diag/{layer}"
+        out[f"{prefix}/used_frac"] = float(np.mean(usage > 0))
+        out[f"{prefix}/usage_entropy"] = entropy
+        out[f"{prefix}/usage_entropy_norm"] = entropy / max(float(np.log(len(usage))), 1e-12)
+        if "signal_sum" in entry:
+            tokens = max(float(entry["tokens"]), 1.0)
+            out[f"{prefix}/mean_signal"] = float(entry["signal_sum"]) / tokens
+            out[f"{prefix}/signal_collapse_frac"] = float(entry["collapsed"]) / tokens
+    return out

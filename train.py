@@ -1,0 +1,13 @@
+"""Train a dsc_jax model: ``python train.py --config=configs/default.py --workdir=runs/default``.
+
+Flags (defined in ``dsc_jax/cli.py``, shared with the ``dsc-train`` console script):
+``--config`` (an ml_collections config file; override any field with ``--config.key=value``)
+and ``--workdir`` (run folder; running again with the same folder resumes).
+"""
+
+from dsc_jax import cli
+
+cli.define_flags()  # --config (config_flags.DEFINE_config_file) and --workdir
+
+if __name__ == "__main__":
+    cli.run()
