@@ -23,6 +23,15 @@ BATCH, SEQ = 8, 4  # 32 tokens
 ATOL, RTOL = 1e-5, 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+    """Tiny programs: XLA's optimisation passes cost more than they save (restored after)."""
+    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def _layer(compute: str = "gather", variant: str = "refined") -> DSCLayer:
     return DSCLayer(
         num_bases=NUM_BASES, top_k=TOP_K, static_dim=HIDDEN, variant=variant, compute=compute
