@@ -32,26 +32,41 @@ def define_flags() -> None:
         flags.DEFINE_string(
             "workdir", None, "Run folder for checkpoints and metrics; an existing run resumes."
         )
+    if "coordinator_address" not in FLAGS:  # multi-process runs (dsc_jax.sharding)
+        flags.DEFINE_string(
+            "coordinator_address",
+            None,
+            "host:port of process 0 for jax.distributed (omit on TPU pods, Slurm, Open MPI).",
+        )
+        flags.DEFINE_integer("num_processes", None, "Number of processes (jax.distributed).")
+        flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
 def main(argv: Sequence[str]) -> None:
     """absl entry point: validate the config, then train and evaluate."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.config is None:
+    if FLAGS["config"].value is None and not FLAGS["config"].present:
         raise app.UsageError("--config is required (e.g. --config=configs/default.py).")
+    try:
+        FLAGS.config.keys()  # a config file that failed to load raises on first use
+    except (OSError, ImportError, SyntaxError, AttributeError) as err:
+        sys.exit(f"dsc-train: error: cannot load --config: {err}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (e.g. --workdir=runs/default).")
     # Imported here so that `--help` and flag errors need no JAX start-up.
+    from dsc_jax.sharding import initialize_distributed
     from dsc_jax.train.config import validate_config
-    from dsc_jax.train.trainer import NonFiniteLossError, train_and_evaluate
+    from dsc_jax.train.trainer import DataSetupError, NonFiniteLossError, train_and_evaluate
 
     try:
         validate_config(FLAGS.config)
+        # Before any JAX computation: multi-process runtime (auto-detected or from the flags).
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, ImportError, NonFiniteLossError) as err:
+    except (ValueError, ImportError, DataSetupError, NonFiniteLossError) as err:
         # Bad config, missing data or optional dependency, incompatible checkpoint, NaN loss:
-        # one clear line; the traceback only with --verbosity=1.
+        # one clear message; the traceback only with --verbosity=1.
         logging.debug("traceback of the error below", exc_info=True)
         sys.exit(f"dsc-train: error: {err}\n(run with --verbosity=1 for the traceback)")
     logging.info("%s at step %d", result["status"], result["step"])
@@ -67,9 +82,20 @@ class _QuietLibraries(std_logging.Filter):
         return FLAGS.verbosity >= 1
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with bad ``--config.key=value`` overrides (unknown key, wrong type)
+    reported as one line instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(f"dsc-train: error: {err}\nPass --helpfull to see the flags.")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        sys.exit(f"dsc-train: error: bad --config override: {type(err).__name__}: {err}")
+
+
 def run() -> None:
     """Console-script entry point (``dsc-train``)."""
     define_flags()
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

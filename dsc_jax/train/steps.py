@@ -157,7 +157,7 @@ def train_step(
         loss_weights=loss_weights,
         micro_batches=micro_batches,
     )
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     if lr_schedule is not None:
         lr = jnp.asarray(lr_schedule(state.step), jnp.float32)
         metrics.update(lr=lr, router_lr=lr * router_lr_multiplier)

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -47,6 +48,11 @@ from dsc_jax.train.state import TrainState, abstract_train_state, init_train_sta
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf."""
+
+
+class DataSetupError(RuntimeError):
+    """The data could not be built (missing files or network, bad corpus); the message is the
+    data layer's own."""
 
 
 class StopFlag:
@@ -128,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Raises:
       ValueError: bad configuration (before any compute) or a checkpoint of another config.
+      DataSetupError: the data could not be built.
       NonFiniteLossError: the training loss became NaN/Inf (names the step).
     """
     config_lib.validate_config(config)
@@ -139,14 +146,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rules = rules_from_config(config.mesh)
     _check_batch_divisibility(config, mesh)
 
-    bundle = build_data(
-        config.data,
-        seq_len=config.seq_len,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    try:
+        bundle = build_data(
+            config.data,
+            seq_len=config.seq_len,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    except Exception as err:  # one clear message for every data failure (see DataSetupError)
+        raise DataSetupError(f"data setup failed: {type(err).__name__}: {err}") from err
     model_cfg = config_lib.model_config(config, bundle.vocab_size)
     model = GPT(model_cfg)
     tx, schedule = make_optimizer(
@@ -189,7 +199,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = init_train_state(
             model, tx, init_rng, example, state_shardings, bank_projection=config.bank_projection
         )
-        rng = jax.device_put(dropout_rng, replicated)  # one global array on every process
+        # One global array on every process (device_put cannot target other processes'
+        # devices; a jit output with a replicated sharding can).
+        rng = jax.jit(jax.random.wrap_key_data, out_shardings=replicated)(
+            np.asarray(jax.random.key_data(dropout_rng))
+        )
         logging.info("fresh run in %s", workdir)
     else:
         tree = restored.tree

@@ -1,0 +1,140 @@
+"""Checkpointer: round trip, atomic temporary folders, corrupt/partial fallback,
+incompatible trees. Toy trees, no model."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsc_jax.train.checkpointing import (
+    Checkpointer,
+    IncompatibleCheckpointError,
+    fingerprint,
+    read_meta,
+)
+
+
+def make_tree(i: int) -> dict:
+    return {
+        "step": jnp.asarray(i, jnp.int32),
+        "params": {"w": jnp.full((8, 4), float(i)), "b": jnp.arange(4, dtype=jnp.bfloat16) * i},
+        "rng": jax.random.key_data(jax.random.key(i)),
+    }
+
+
+def abstract(tree: dict) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def save_steps(directory: str, steps=(1, 2, 3)) -> Checkpointer:
+    ckpt = Checkpointer(directory, keep=3)
+    for i in steps:
+        ckpt.save(i, make_tree(i), {"step": i})
+    ckpt.wait_until_finished()
+    return ckpt
+
+
+def assert_tree_equal(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_and_keep(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    ckpt = Checkpointer(directory, keep=2)
+    for i in (1, 2, 3):
+        ckpt.save(i, make_tree(i), {"step": i, "seed": 7})
+    ckpt.close()
+    ckpt = Checkpointer(directory, keep=2)
+    assert ckpt.all_steps() == [2, 3]
+    restored = ckpt.restore_latest(abstract(make_tree(0)))
+    assert restored.step == 3 and restored.data_state == {"step": 3, "seed": 7}
+    assert_tree_equal(restored.tree, make_tree(3))
+    assert read_meta(directory, 3)["fingerprint"] == fingerprint(make_tree(3))
+
+
+def test_fingerprint_sees_single_bit_and_position_changes():
+    tree = make_tree(2)
+    flipped = dict(tree, params=dict(tree["params"], w=tree["params"]["w"].at[3, 1].add(1e-6)))
+    swapped = dict(tree, rng=tree["rng"][::-1])
+    prints = {fingerprint(t) for t in (tree, flipped, swapped)}
+    assert len(prints) == 3
+
+
+def test_unfinished_temporary_folder_is_ignored_and_removed(tmp_path):
+    """orbax writes <step>.orbax-checkpoint-tmp-* and renames it when complete: a crash
+    mid-save leaves only the temporary folder, which is not a checkpoint."""
+    directory = str(tmp_path / "ckpt")
+    save_steps(directory, (1,)).close()
+    partial = os.path.join(directory, "2.orbax-checkpoint-tmp-1234567")
+    os.makedirs(os.path.join(partial, "state"))
+    ckpt = Checkpointer(directory, keep=3)
+    assert ckpt.all_steps() == [1]
+    assert ckpt.restore_latest(abstract(make_tree(0))).step == 1
+    assert not os.path.exists(partial)
+
+
+def _flip_data_bytes(directory: str, step: int) -> None:
+    files = glob.glob(os.path.join(directory, str(step), "state", "**", "d", "*"), recursive=True)
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 0xFF]))
+
+
+def _drop_meta(directory: str, step: int) -> None:
+    os.remove(os.path.join(directory, str(step), "meta", "metadata"))
+
+
+def _wrong_fingerprint(directory: str, step: int) -> None:
+    """Arrays that decode fine but differ from what was saved (silent corruption)."""
+    path = os.path.join(directory, str(step), "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["fingerprint"] = "0" * 64
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.mark.parametrize("corrupt", [_flip_data_bytes, _drop_meta, _wrong_fingerprint])
+def test_corrupt_latest_falls_back_to_previous(tmp_path, corrupt, caplog):
+    directory = str(tmp_path / "ckpt")
+    save_steps(directory).close()
+    corrupt(directory, 3)
+    ckpt = Checkpointer(directory, keep=3)
+    restored = ckpt.restore_latest(abstract(make_tree(0)))
+    assert restored.step == 2
+    assert_tree_equal(restored.tree, make_tree(2))
+    assert "corrupt or partial" in caplog.text and "/3" in caplog.text
+    assert ckpt.all_steps() == [1, 2]
+    assert [n.split("-")[0] for n in os.listdir(directory + ".corrupt")] == ["3"]
+    ckpt.save(3, make_tree(3), {"step": 3})  # the step can be written again
+    ckpt.close()
+    assert Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0))).step == 3
+
+
+def test_all_corrupt_gives_none(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    save_steps(directory, (1, 2)).close()
+    for step in (1, 2):
+        _drop_meta(directory, step)
+    assert Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0))) is None
+
+
+def test_other_configuration_is_an_error_not_corruption(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    save_steps(directory, (1,)).close()
+    other = make_tree(0)
+    other["params"]["w"] = jnp.zeros((8, 5))
+    with pytest.raises(IncompatibleCheckpointError, match="different parameter"):
+        Checkpointer(directory, keep=3).restore_latest(abstract(other))
+    assert os.listdir(directory) == ["1"] and not os.path.exists(directory + ".corrupt")
