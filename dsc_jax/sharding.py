@@ -58,7 +58,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 _LOGGED_FALLBACKS: set[tuple[Any, ...]] = set()
-_CLUSTER_ENV_VARS = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES")
+_CLUSTER_ENV_VARS = ("SLURM_STEP_NODELIST", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES")
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:

@@ -238,7 +238,8 @@ def test_sharded_jitted_step_matches_unsharded(shape: tuple[int, int, int]) -> N
 
 
 def test_initialize_distributed_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES"):
+    cluster_vars = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "OMPI_MCA_orte_hnp_uri")
+    for var in (*cluster_vars, "TPU_WORKER_HOSTNAMES", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(var, raising=False)
     assert sh.initialize_distributed() is False  # no cluster: plain single-process run
     assert sh.initialize_distributed(num_processes=1) is False
