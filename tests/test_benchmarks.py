@@ -1,0 +1,138 @@
+"""Smoke tests of benchmarks/layer_latency.py on tiny configurations (JSON schema, flags).
+
+Run in-process with XLA backend optimisation off (``--fast_compile``): they check the
+plumbing and the schema, not speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+from types import ModuleType
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "layer_latency.py"
+IMPLEMENTATIONS = (
+    "dsc_gather",
+    "dsc_dense",
+    "moe_dense",
+    "moe_dropless",
+    "moe_capacity",
+    "molora",
+    "dense",
+)
+TINY = [
+    "--batch=2",
+    "--seq=8",
+    "--d_model=16",
+    "--iters=2",
+    "--warmup=1",
+    "--set=dense_hidden=64",
+    "--set=moe_num_experts=4",
+    "--set=moe_hidden=16",
+    "--set=molora_num_experts=4",
+    "--set=molora_rank=4",
+    "--set=molora_static_dim=32",
+    "--set=dsc_num_bases=32",
+    "--set=dsc_static_dim=32",
+]
+
+
+def _load_module() -> ModuleType:
+    """Import benchmarks/layer_latency.py (``benchmarks`` is not a package)."""
+    if "layer_latency" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("layer_latency", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["layer_latency"] = module  # dataclasses resolve annotations through it
+        spec.loader.exec_module(module)
+    return sys.modules["layer_latency"]
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_layer_latency_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "nested" / "latency.json"  # main must create the folder
+    returned = _load_module().main([*TINY, f"--out={out}", "--fast_compile"])
+    stdout = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report == json.loads(json.dumps(returned))
+    results = report["results"]
+    assert set(results) == set(IMPLEMENTATIONS)
+    for name, entry in results.items():
+        for key in (
+            "fwd_ms",
+            "fwd_bwd_ms",
+            "fwd_ratio_gemm",
+            "fwd_bwd_ratio_gemm",
+            "fwd_ratio_dense",
+            "fwd_bwd_ratio_dense",
+            "gemm_fwd_ms",
+            "gemm_fwd_bwd_ms",
+            "flops",
+            "flops_active",
+        ):
+            assert _positive(entry[key]), (name, key, entry.get(key))
+        assert entry["flops_active"] <= entry["flops"], name
+        n, d, cols = entry["gemm_shape"]
+        assert (n, d) == (16, 16)
+        assert abs(2 * n * d * cols - entry["flops"]) <= n * d, name  # F / (2 N d), rounded
+        assert name in stdout
+    assert results["dense"]["fwd_ratio_dense"] == pytest.approx(1.0)
+    assert results["dense"]["fwd_bwd_ratio_dense"] == pytest.approx(1.0)
+    # dense: 4·N·d·H; DSC dense path: 4·N·d·H + 2·N·d·M + 4·N·M·d.
+    assert results["dense"]["flops"] == 4 * 16 * 16 * 64
+    assert results["dsc_dense"]["flops"] == 4 * 16 * 16 * 32 + 6 * 16 * 16 * 32
+    meta = report["metadata"]
+    for key in ("device_kind", "jax_version", "dtype", "input_shape", "iters", "date"):
+        assert key in meta, key
+    assert meta["dtype"] == "float32"
+    assert meta["input_shape"] == [2, 8, 16]
+    assert meta["iters"] == 2
+    assert meta["with_losses"] is False
+
+
+def test_select_and_sizes() -> None:
+    bench = _load_module()
+    assert bench.select(None) == list(IMPLEMENTATIONS)
+    assert bench.select("moe") == ["moe_dense", "moe_dropless", "moe_capacity", "dense"]
+    assert bench.select("dsc_gather") == ["dsc_gather", "dense"]
+    with pytest.raises(ValueError, match="matches no implementation"):
+        bench.select("nope")
+    paper = bench.LayerSizes.paper()
+    assert (paper.dsc_num_bases, paper.dsc_top_k, paper.dsc_static_dim) == (1523, 4, 327)
+    assert (paper.moe_num_experts, paper.moe_top_k, paper.moe_hidden) == (5, 2, 545)
+    assert paper.dense_hidden == 2611
+    assert paper.replace(["dsc_num_bases=64"]).dsc_num_bases == 64
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        paper.replace(["bogus=1"])
+
+
+def test_with_losses_training_path() -> None:
+    bench = _load_module()
+    sizes = bench.LayerSizes.paper().replace(
+        ["dense_hidden=32", "dsc_num_bases=16", "dsc_static_dim=16"]
+    )
+    report = bench.run_benchmark(
+        batch=2,
+        seq=4,
+        d_model=8,
+        dtype="float32",
+        param_dtype="float32",
+        iters=1,
+        warmup=0,
+        only="dsc_gather",
+        sizes=sizes,
+        with_losses=True,
+        fast_compile=True,
+        log=lambda _: None,
+    )
+    assert list(report["results"]) == ["dsc_gather", "dense"]
+    assert report["metadata"]["with_losses"] is True
+    assert all(_positive(report["results"]["dsc_gather"][k]) for k in ("fwd_ms", "fwd_bwd_ms"))
