@@ -286,13 +286,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 else:
                     interval_steps += 1
                 last = step == total
+                # One snapshot per step: a signal arriving later in this step is acted on
+                # after the next step (save first, then stop), never half-way.
+                stopping = stop.requested is not None
                 do_eval = config.eval_batches > 0 and (
                     last or (config.eval_every_steps and step % config.eval_every_steps == 0)
                 )
                 do_log = do_eval or last or step == 1 or step % config.log_every_steps == 0
                 do_save = (
                     last
-                    or stop.requested
+                    or stopping
                     or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
                 )
                 if do_log:
@@ -313,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     save(step)
                 if do_log or do_save:
                     interval_start, interval_steps = time.perf_counter(), 0
-                if stop.requested and not last:
+                if stopping and not last:
                     status = "interrupted"
                     logging.warning("stopped by %s after step %d", stop.requested, step)
                     break
