@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 
 import jax.numpy as jnp
 import pytest
 
 from dsc_jax.train import steps
 from dsc_jax.train.checkpointing import read_meta
-from dsc_jax.train.metrics import read_metrics
+from dsc_jax.train.metrics import MetricsWriter, read_metrics
 from dsc_jax.train.trainer import NonFiniteLossError, train_and_evaluate
 from tests._train_utils import load_config, without_timing
 
@@ -116,3 +117,27 @@ def test_nan_loss_stops_naming_the_step(tmp_path, cache_dir, monkeypatch):
         train_and_evaluate(config, workdir)
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]  # the last good one stays
     assert [r["step"] for r in read_metrics(workdir)] == [1]
+
+
+def test_signal_mid_step_saves_after_the_next_step_and_resumes(
+    straight_run, tmp_path, cache_dir, monkeypatch
+):
+    """SIGTERM delivered while step 5 is being logged (in-process, deterministic): the loop
+    finishes step 6, saves it and returns "interrupted"; resuming gives the straight run."""
+    real_write = MetricsWriter.write
+
+    def write_then_signal(self, step, metrics):
+        real_write(self, step, metrics)
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsWriter, "write", write_then_signal)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    workdir = str(tmp_path)
+    result = train_and_evaluate(tiny(cache_dir), workdir)
+    assert result["status"] == "interrupted" and result["step"] == 6
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # handler restored
+    monkeypatch.setattr(MetricsWriter, "write", real_write)
+    assert train_and_evaluate(tiny(cache_dir), workdir)["status"] == "completed"
+    assert without_timing(read_metrics(workdir)) == without_timing(read_metrics(straight_run[0]))
