@@ -23,3 +23,12 @@ def load_config(name: str) -> ml_collections.ConfigDict:
 def without_timing(records: list[dict]) -> list[dict]:
     """Metric records minus wall-clock measurements (the only values allowed to differ)."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    """Equal records (timings aside); the message names the first differing step and keys."""
+    got, want = without_timing(got), without_timing(want)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        assert not diff, f"step {a['step']}: {diff}"

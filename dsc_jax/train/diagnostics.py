@@ -9,7 +9,8 @@ e.g. ``block_0/ffn``, names it), over all evaluation tokens:
 * DSC only (layers that sow ``signal``): ``mean_signal`` = mean ``S``, and
   ``signal_collapse_frac`` = fraction of tokens with ``S < 0.1``;
 * DSC only (layers with ``basis_u``/``basis_v``): ``erank_u``, ``erank_v`` = effective rank
-  ``exp(H(σ / Σσ))`` (Roy & Vetterli 2007) of the row-normalised bank ``[M, d]``.
+  ``(Σσ²)² / Σσ⁴`` (participation ratio of the singular values, see :func:`effective_rank`)
+  of the row-normalised bank ``[M, d]``.
 
 Metric keys are ``diag/<layer path>/<name>``.
 """
@@ -83,10 +84,23 @@ def routing_statistics(intermediates: Mapping[str, Any], params: Any) -> dict[st
 
 
 def effective_rank(matrix: jax.Array) -> jax.Array:
-    """``exp(-Σ p_i log p_i)`` with ``p = σ / Σσ`` the normalised singular values of ``[m, n]``."""
-    sigma = jnp.linalg.svd(matrix.astype(jnp.float32), compute_uv=False)
-    p = sigma / jnp.maximum(jnp.sum(sigma), 1e-30)
-    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+    """Participation-ratio effective rank ``(Σ σ_i²)² / Σ σ_i⁴`` of ``[m, n]`` (in ``[1, rank]``).
+
+    Computed from the Gram matrix of the smaller side, ``tr(G)² / ‖G‖_F²``, with matmuls only:
+    no SVD (whose LAPACK results may differ in the last bits between processes), exact under
+    sharding, ``O(m n min(m, n))``. For a row-normalised bank ``U [M, d]``,
+    ``‖UᵀU‖_F² = M + Σ_{i≠j}(u_i·u_j)²``, so the value is ``M² / (M + frame energy)``: ``d``
+    for a tight frame, ``M`` for orthonormal rows, 1 when every atom is the same direction.
+    """
+    x = matrix.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    gram = (
+        jnp.matmul(x.T, x, precision=hi)
+        if x.shape[0] >= x.shape[1]
+        else jnp.matmul(x, x.T, precision=hi)
+    )
+    trace = jnp.trace(gram)
+    return jnp.square(trace) / jnp.maximum(jnp.sum(jnp.square(gram)), 1e-30)
 
 
 def bank_effective_ranks(params: Any, eps: float = 1e-6) -> dict[str, jax.Array]:
