@@ -194,7 +194,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract_tree["rng"] = jax.ShapeDtypeStruct(
         abstract_tree["rng"].shape, jnp.uint32, sharding=replicated
     )
-    restored = checkpointer.restore_latest(abstract_tree)
+    try:
+        restored = checkpointer.restore_latest(abstract_tree)
+    except BaseException:  # e.g. IncompatibleCheckpointError: release orbax's threads first
+        checkpointer.close()
+        raise
     if restored is None:
         state = init_train_state(
             model, tx, init_rng, example, state_shardings, bank_projection=config.bank_projection
