@@ -158,8 +158,9 @@ def build_implementations(
       einsum) + ``2·N·E·d``; ``dropless``: ``4·N·k·d·H_e`` (ragged dots over the ``N·k`` slots)
       + combine ``2·N·k·d``; ``capacity``: ``4·E·C·d·H_e`` with ``C = ceil(cf·N·k/E)`` + combine
       ``2·N·k·d``.
-    * MoLoRA: static FFN ``4·N·d·H`` + router ``2·N·d·E`` + experts ``4·N·k·d·r`` (+ gate
-      scaling, element-wise).
+    * MoLoRA: static FFN ``4·N·d·H`` + router ``2·N·d·E`` + experts ``4·N·E·d·r`` (``x A_e``
+      for every expert, then the gate-masked ``[N, E·r] × [E·r, d]`` contraction; the routed
+      share is ``4·N·k·d·r``).
     """
     n, d = num_tokens, d_model
     common = {"dtype": dtype, "param_dtype": param_dtype}
@@ -222,9 +223,15 @@ def build_implementations(
         sizes.molora_rank,
         sizes.molora_static_dim,
     )
-    flops = 4 * n * d * h + 2 * n * d * e + 4 * n * k * d * r
+    base = 4 * n * d * h + 2 * n * d * e
     layer = MoLoRALayer(num_experts=e, rank=r, top_k=k, static_dim=h, **common)
-    impls["molora"] = Implementation("molora", layer, flops, flops, "4·N·d·H + 2·N·d·E + 4·N·k·d·r")
+    impls["molora"] = Implementation(
+        "molora",
+        layer,
+        base + 4 * n * e * d * r,
+        base + 4 * n * k * d * r,
+        "4·N·d·H + 2·N·d·E + 4·N·E·d·r",
+    )
     return impls
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -119,6 +120,16 @@ def _first_nonfinite(pending: list[tuple[int, jax.Array]]) -> tuple[int, float] 
         if not jnp.isfinite(value):
             return step, float(value)
     return None
+
+
+def _agree_across_processes(local_flag: bool) -> bool:
+    """True on every process when any process has the flag (a stop must be collective: every
+    process has to join the same checkpoint save). One tiny all-gather per step, multi-host only.
+    """
+    if jax.process_count() == 1:
+        return local_flag
+    flags = multihost_utils.process_allgather(np.asarray(local_flag, np.int32))
+    return bool(np.any(flags))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -292,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last = step == total
                 # One snapshot per step: a signal arriving later in this step is acted on
                 # after the next step (save first, then stop), never half-way.
-                stopping = stop.requested is not None
+                stopping = _agree_across_processes(stop.requested is not None)
                 do_eval = config.eval_batches > 0 and (
                     last or (config.eval_every_steps and step % config.eval_every_steps == 0)
                 )
