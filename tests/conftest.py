@@ -22,3 +22,15 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real-text data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Tiny programs: XLA's optimisation passes cost more than they save (restored after).
+
+    Use per module with ``pytestmark = pytest.mark.usefixtures("fast_compiles")``.
+    """
+    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

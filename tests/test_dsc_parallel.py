@@ -23,13 +23,7 @@ BATCH, SEQ = 8, 4  # 32 tokens
 ATOL, RTOL = 1e-5, 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """Tiny programs: XLA's optimisation passes cost more than they save (restored after)."""
-    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _layer(compute: str = "gather", variant: str = "refined") -> DSCLayer:

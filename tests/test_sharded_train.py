@@ -30,13 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 2e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """Tiny programs: XLA's optimisation passes cost more than they save (restored after)."""
-    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsc_jax import sharding as sh
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """Tiny programs: XLA's optimisation passes cost more than they save (restored after)."""
-    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_make_mesh_shapes_and_fill() -> None:
