@@ -70,6 +70,6 @@ def test_routing_diagnostics_arithmetic():
     np.testing.assert_allclose(out[f"{prefix}/usage_entropy"], -np.sum(p * np.log(p)))
     np.testing.assert_allclose(out[f"{prefix}/mean_signal"], 3.05 / 3, rtol=1e-6)
     np.testing.assert_allclose(out[f"{prefix}/signal_collapse_frac"], 1 / 3)
-    ranks = diagnostics.bank_effective_ranks(params)
+    ranks = diagnostics.bank_effective_ranks(diagnostics.bank_parameters(params))
     np.testing.assert_allclose(float(ranks[f"{prefix}/erank_u"]), 4.0, rtol=1e-5)  # orthonormal
     np.testing.assert_allclose(float(ranks[f"{prefix}/erank_v"]), 1.0, rtol=1e-5)  # rank one

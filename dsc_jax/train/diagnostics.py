@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsc_jax.router import normalize_rows
-
 SIGNAL_COLLAPSE_THRESHOLD = 0.1
 
 
@@ -83,28 +81,25 @@ def routing_statistics(intermediates: Mapping[str, Any], params: Any) -> dict[st
     return stats
 
 
-def effective_rank(matrix: jax.Array) -> jax.Array:
-    """Participation-ratio effective rank ``(Σ σ_i²)² / Σ σ_i⁴`` of ``[m, n]`` (in ``[1, rank]``).
+def effective_rank(matrix: np.ndarray, eps: float = 1e-6) -> float:
+    """Participation-ratio effective rank ``(Σ σ_i²)² / Σ σ_i⁴`` of the row-normalised ``[m, n]``
+    (in ``[1, rank]``), on the host in float64.
 
-    Computed from the Gram matrix of the smaller side, ``tr(G)² / ‖G‖_F²``, with matmuls only:
-    no SVD (whose LAPACK results may differ in the last bits between processes), exact under
-    sharding, ``O(m n min(m, n))``. For a row-normalised bank ``U [M, d]``,
-    ``‖UᵀU‖_F² = M + Σ_{i≠j}(u_i·u_j)²``, so the value is ``M² / (M + frame energy)``: ``d``
-    for a tight frame, ``M`` for orthonormal rows, 1 when every atom is the same direction.
+    Computed from the Gram matrix of the smaller side, ``tr(G)² / ‖G‖_F²``. For a row-normalised
+    bank ``U [M, d]``, ``‖UᵀU‖_F² = M + Σ_{i≠j}(u_i·u_j)²``, so the value is
+    ``M² / (M + frame energy)``: ``d`` for a tight frame, ``M`` for orthonormal rows, 1 when
+    every atom is the same direction. Host float64 rather than an XLA:CPU float32 matmul, whose
+    last bits can depend on buffer alignment: a resumed run must log the same value.
     """
-    x = matrix.astype(jnp.float32)
-    hi = jax.lax.Precision.HIGHEST
-    gram = (
-        jnp.matmul(x.T, x, precision=hi)
-        if x.shape[0] >= x.shape[1]
-        else jnp.matmul(x, x.T, precision=hi)
-    )
-    trace = jnp.trace(gram)
-    return jnp.square(trace) / jnp.maximum(jnp.sum(jnp.square(gram)), 1e-30)
+    x = np.asarray(matrix, np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+    gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
+    return float(np.trace(gram) ** 2 / max(float(np.sum(gram**2)), 1e-30))
 
 
-def bank_effective_ranks(params: Any, eps: float = 1e-6) -> dict[str, jax.Array]:
-    """``{"diag/<layer>/erank_u": ..., "diag/<layer>/erank_v": ...}`` for every DSC bank."""
+def bank_parameters(params: Any) -> dict[str, jax.Array]:
+    """``{"diag/<layer>/erank_u": basis_u, "diag/<layer>/erank_v": basis_v}`` for every DSC bank
+    (jit it with replicated ``out_shardings`` to bring sharded banks to every host)."""
     out: dict[str, jax.Array] = {}
 
     def walk(node: Any, path: str) -> None:
@@ -112,12 +107,17 @@ def bank_effective_ranks(params: Any, eps: float = 1e-6) -> dict[str, jax.Array]
             return
         for name, key in (("basis_u", "erank_u"), ("basis_v", "erank_v")):
             if name in node:
-                out[f"diag/{path}/{key}"] = effective_rank(normalize_rows(node[name], eps))
+                out[f"diag/{path}/{key}"] = node[name]
         for key, child in node.items():
             walk(child, f"{path}/{key}" if path else str(key))
 
     walk(params, "")
     return out
+
+
+def bank_effective_ranks(banks: Mapping[str, Any]) -> dict[str, float]:
+    """:func:`effective_rank` of each bank from :func:`bank_parameters`."""
+    return {key: effective_rank(np.asarray(jax.device_get(bank))) for key, bank in banks.items()}
 
 
 def finalize_eval(sums: Mapping[str, Any]) -> dict[str, float]:

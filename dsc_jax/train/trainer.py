@@ -366,8 +366,8 @@ def _make_evaluator(
         in_shardings=(param_shardings, shard_batch_spec(mesh)),
         out_shardings=replicated,
     )
-    ranks = jax.jit(
-        diagnostics.bank_effective_ranks, in_shardings=(param_shardings,), out_shardings=replicated
+    banks = jax.jit(
+        diagnostics.bank_parameters, in_shardings=(param_shardings,), out_shardings=replicated
     )
 
     def evaluate(params: Any) -> dict[str, float]:
@@ -376,7 +376,7 @@ def _make_evaluator(
             out = eval_step(params, batch)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         result = diagnostics.finalize_eval(sums)
-        result.update({k: float(v) for k, v in jax.device_get(ranks(params)).items()})
+        result.update(diagnostics.bank_effective_ranks(banks(params)))
         return result
 
     return evaluate
