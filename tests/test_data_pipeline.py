@@ -5,12 +5,10 @@ import itertools
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
 
-from dsc_jax.data import build_data, make_global_batch
+from dsc_jax.data import build_data
 from dsc_jax.data.augment import CALC_LINE_RE, paper_augment, paper_slices
 from dsc_jax.data.embedded import is_validation_file
 
@@ -197,20 +195,6 @@ def test_embedded_corpus_small(tmp_path):
     again = build_data(cfg, seq_len=64, global_batch_size=4, seed=0)
     assert again.from_cache and again.cache_key == b.cache_key
     assert is_validation_file("os.py", 1.0) and not is_validation_file("os.py", 1e-12)
-
-
-def test_make_global_batch_on_fake_devices():
-    assert jax.device_count() == 8
-    local = np.arange(8 * 17, dtype=np.int32).reshape(8, 17)
-    mesh = Mesh(np.array(jax.devices()).reshape(8), ("data",))
-    arr = make_global_batch(local, mesh, PartitionSpec("data", None))
-    assert arr.shape == (8, 17) and arr.dtype == np.int32
-    assert len(arr.addressable_shards) == 8
-    np.testing.assert_array_equal(np.asarray(arr), local)
-    mesh2 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-    arr2 = make_global_batch(local, mesh2, ("data",))
-    assert arr2.sharding.spec == PartitionSpec("data")
-    np.testing.assert_array_equal(np.asarray(arr2), local)
 
 
 # --- bad inputs ---------------------------------------------------------------------------

@@ -5,7 +5,6 @@ The TFDS builder lives in :mod:`dsc_jax.data.wikitext103` and is imported on dem
 """
 
 from dsc_jax.data.config import default_data_config, validate_data_config
-from dsc_jax.data.global_batch import make_global_batch
 from dsc_jax.data.iterators import TrainIterator, eval_batches
 from dsc_jax.data.pipeline import DataBundle, build_data
 from dsc_jax.data.tokenizers import ByteTokenizer, Gpt2Tokenizer, build_tokenizer, pad_vocab
@@ -19,7 +18,6 @@ __all__ = [
     "build_tokenizer",
     "default_data_config",
     "eval_batches",
-    "make_global_batch",
     "pad_vocab",
     "validate_data_config",
 ]
