@@ -41,6 +41,39 @@ def model_dim_of(module: nn.Module, param_path: tuple[str, ...], axis: int) -> i
     return int(jnp.shape(value)[axis])
 
 
+def gelu_mlp(
+    tokens: jax.Array,
+    hidden_dim: int,
+    *,
+    names: tuple[str, str],
+    dtype: Dtype,
+    param_dtype: Dtype,
+    out_init_std: float,
+    in_init_std: float = INIT_STD,
+) -> jax.Array:
+    """``GELU(x W1) W2`` (exact erf GELU, no bias) on ``tokens: [N, d]`` → ``[N, d]``.
+
+    Call it inside a parent's ``@nn.compact`` method: it creates the two ``nn.Dense``
+    submodules ``names[0]`` (``W1 [d, H]``, logical ``("embed", "mlp")``) and ``names[1]``
+    (``W2 [H, d]``, ``("mlp", "embed")``) in that parent. Shared by :class:`DenseFFN` and the
+    static FFN of the DSC and MoLoRA layers.
+    """
+
+    def dense(features: int, axes: tuple[str, str], std: float, name: str) -> nn.Dense:
+        return nn.Dense(
+            features,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
+            name=name,
+        )
+
+    hidden = dense(hidden_dim, ("embed", "mlp"), in_init_std, names[0])(tokens)
+    hidden = jax.nn.gelu(hidden, approximate=False)
+    return dense(tokens.shape[-1], ("mlp", "embed"), out_init_std, names[1])(hidden)
+
+
 class DenseFFN(nn.Module):
     """Position-wise feed-forward block ``GELU(x W1) W2`` (no bias).
 
@@ -84,26 +117,13 @@ class DenseFFN(nn.Module):
         # Flatten to [N, d] like the other FFN kinds: XLA:CPU runs the backward of a rank-3
         # matmul ~2.5x slower than the same rank-2 one (benchmarks/layer_latency.py).
         tokens = x.reshape(-1, model_dim)
-        hidden = nn.Dense(
+        y = gelu_mlp(
+            tokens,
             self.hidden_dim,
-            use_bias=False,
+            names=("wi", "wo"),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(INIT_STD), ("embed", "mlp")
-            ),
-            name="wi",
-        )(tokens)
-        hidden = jax.nn.gelu(hidden, approximate=False)
-        y = nn.Dense(
-            model_dim,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.out_init_std), ("mlp", "embed")
-            ),
-            name="wo",
-        )(hidden).reshape((*x.shape[:-1], model_dim))
+            out_init_std=self.out_init_std,
+        ).reshape((*x.shape[:-1], model_dim))
         y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
         return y.astype(self.dtype)

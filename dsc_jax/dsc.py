@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dsc_jax import _checks, router
+from dsc_jax.dense import gelu_mlp
 
 VARIANTS = ("refined", "basic")
 COMPUTE_MODES = ("auto", "gather", "dense")
@@ -122,25 +123,18 @@ class DSCLayer(nn.Module):
         x = x.reshape(-1, d_model)  # [N, d]
 
         # Static FFN f(x) = GELU(x W1) W2.
-        dense_init = nn.initializers.normal(self.init_std)
-        hidden = nn.Dense(
+        static_out = gelu_mlp(
+            x,
             self.static_dim,
-            use_bias=False,
+            names=("static_in", "static_out"),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=_logical(dense_init, ("embed", "mlp")),
-            name="static_in",
-        )(x)
-        static_out = nn.Dense(
-            d_model,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=_logical(dense_init, ("mlp", "embed")),
-            name="static_out",
-        )(nn.gelu(hidden, approximate=False))
+            in_init_std=self.init_std,
+            out_init_std=self.init_std,
+        )
 
         # Router, always float32.
+        dense_init = nn.initializers.normal(self.init_std)
         router_in = x.astype(jnp.float32)
         if self.variant == "refined":
             router_in = nn.LayerNorm(

@@ -23,7 +23,7 @@ from dsc_jax._checks import (
     check_positive_int,
     check_probability,
 )
-from dsc_jax.dense import INIT_STD, Dtype, model_dim_of
+from dsc_jax.dense import INIT_STD, Dtype, gelu_mlp, model_dim_of
 from dsc_jax.moe import check_top_k, load_balancing_loss
 from dsc_jax.router import z_loss
 
@@ -71,16 +71,6 @@ class MoLoRALayer(nn.Module):
         check_probability(owner, "dropout_rate", self.dropout_rate)
         check_positive_float(owner, "out_init_std", self.out_init_std, allow_zero=True)
         super().__post_init__()
-
-    def _dense(self, features: int, axes: tuple[str, ...], std: float, name: str) -> nn.Dense:
-        return nn.Dense(
-            features,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
-            name=name,
-        )
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -136,10 +126,14 @@ class MoLoRALayer(nn.Module):
         self.sow("intermediates", "gates", gates.reshape(*x.shape[:-1], top_k))
 
         tokens = tokens.astype(self.dtype)
-        hidden = self._dense(self.static_dim, ("embed", "mlp"), INIT_STD, "static_in")(tokens)
-        hidden = jax.nn.gelu(hidden, approximate=False)
-        static_out = self._dense(model_dim, ("mlp", "embed"), self.out_init_std, "static_out")
-        y = static_out(hidden)
+        y = gelu_mlp(
+            tokens,
+            self.static_dim,
+            names=("static_in", "static_out"),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            out_init_std=self.out_init_std,
+        )
 
         # Every expert's rank-r projection ([N, E, r]: small), weighted by a gate row that is
         # zero off the top-k, then one contraction with B. Gathering A_k/B_k per token instead
