@@ -164,11 +164,6 @@ def rules_from_config(config: ml_collections.ConfigDict | None) -> tuple[tuple[s
     return parse_rule_overrides(text)
 
 
-def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
-    """:func:`make_mesh` from a ``config.mesh`` block (key ``shape``)."""
-    return make_mesh(config.shape)
-
-
 def _axis_tuple(axes: MeshAxes) -> tuple[str, ...]:
     if axes is None:
         return ()

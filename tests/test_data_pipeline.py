@@ -225,6 +225,14 @@ def test_invalid_utf8_names_file_and_offset(tmp_path):
         build_data(_cfg(tmp_path, bad), seq_len=4, global_batch_size=1, seed=0)
 
 
+def test_decode_utf8_names_the_record():
+    from dsc_jax.data.text_io import decode_utf8
+
+    assert decode_utf8("café".encode(), "wikitext103 split 'train' record 0") == "café"
+    with pytest.raises(ValueError, match=r"record 3: invalid UTF-8 at byte offset 3"):
+        decode_utf8(b"caf\xe9", "wikitext103 split 'train' record 3")
+
+
 def test_sequence_longer_than_corpus(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("".join(f"line {i}\n" for i in range(20)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -68,16 +68,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Token cache folder (memory-mapped .npy files). None or "": no cache, tokenise every run.
     c.cache_dir = "~/.cache/dsc_jax/tokens"
     return c
-
-
-def _get(cfg: Any, key: str) -> Any:
-    """Read ``key`` from a ConfigDict, a mapping or an object; missing keys read as ``None``."""
-    if isinstance(cfg, Mapping):
-        return cfg.get(key)
-    try:
-        return cfg[key]
-    except (KeyError, TypeError):
-        return getattr(cfg, key, None)
 
 
 def as_plain_dict(cfg: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import os
 from typing import Any, Protocol
 
 from dsc_jax.data.config import split_paths
-from dsc_jax.data.text_io import expand_paths, file_identity, read_text, take_chars
+from dsc_jax.data.text_io import decode_utf8, expand_paths, file_identity, read_text, take_chars
 
 
 class TextSource(Protocol):
@@ -119,9 +119,13 @@ class TfdsSource:
     def _iter(self, split: str):
         source = self.builder.as_data_source(split=split)
         for start in range(0, len(source), 64):
-            for record in source.__getitems__(range(start, min(start + 64, len(source)))):
+            records = source.__getitems__(range(start, min(start + 64, len(source))))
+            for index, record in enumerate(records, start):
                 text = record[self.text_feature]
-                text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+                if isinstance(text, bytes):
+                    text = decode_utf8(text, f"{self.label} split {split!r} record {index}")
+                else:
+                    text = str(text)
                 yield _with_newline(text)
 
     def read(self, part: str, max_chars: int | None) -> str:
