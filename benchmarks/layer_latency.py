@@ -56,12 +56,12 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dsc_jax.dense import DenseFFN  # noqa: E402
-from dsc_jax.dsc import AUTO_DENSE_MAX_BASES_PER_ACTIVE, DSCLayer, resolve_compute  # noqa: E402
-from dsc_jax.gpt import GPTConfig  # noqa: E402
-from dsc_jax.losses import LossWeights, regularization_loss  # noqa: E402
-from dsc_jax.moe import MoELayer, expert_capacity  # noqa: E402
-from dsc_jax.molora import MoLoRALayer  # noqa: E402
+from dsc_jax.layers.dense import DenseFFN  # noqa: E402
+from dsc_jax.layers.dsc import AUTO_DENSE_MAX_BASES_PER_ACTIVE, DSCLayer, resolve_compute  # noqa: E402
+from dsc_jax.models.gpt import GPTConfig  # noqa: E402
+from dsc_jax.layers.losses import LossWeights, regularization_loss  # noqa: E402
+from dsc_jax.layers.moe import MoELayer, expert_capacity  # noqa: E402
+from dsc_jax.layers.molora import MoLoRALayer  # noqa: E402
 
 IMPLEMENTATIONS = (
     "dsc_gather",
@@ -181,7 +181,7 @@ def build_implementations(
         layer = DSCLayer(
             num_bases=m,
             top_k=k,
-            static_dim=h,
+            hidden_dim=h,
             variant=sizes.dsc_variant,
             compute=mode,
             **common,
@@ -210,7 +210,7 @@ def build_implementations(
         layer = MoELayer(
             num_experts=e,
             top_k=k,
-            expert_dim=h,
+            hidden_dim=h,
             dispatch=mode,
             capacity_factor=sizes.moe_capacity_factor,
             **common,
@@ -224,7 +224,7 @@ def build_implementations(
         sizes.molora_static_dim,
     )
     base = 4 * n * d * h + 2 * n * d * e
-    layer = MoLoRALayer(num_experts=e, rank=r, top_k=k, static_dim=h, **common)
+    layer = MoLoRALayer(num_experts=e, rank=r, top_k=k, hidden_dim=h, **common)
     impls["molora"] = Implementation(
         "molora",
         layer,

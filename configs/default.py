@@ -31,9 +31,9 @@ def get_config():
     c.model.num_heads = 4  # attention heads (head dim 32)
     c.model.d_model = 128  # d
     c.model.dropout_rate = 0.0  # no dropout: short run, large corpus
-    c.model.dsc_num_bases = 128  # M atoms in each layer's bank
-    c.model.dsc_top_k = 4  # K active atoms per token
-    c.model.dsc_static_dim = 256  # H of the static FFN
+    c.model.dsc.num_bases = 128  # M atoms in each layer's bank
+    c.model.dsc.top_k = 4  # K active atoms per token
+    c.model.dsc.hidden_dim = 256  # H of the static FFN
     c.optim.learning_rate = 2e-3  # peak lr (small model, short run)
     c.optim.min_learning_rate = 2e-4  # cosine end value
     c.optim.warmup_steps = 50  # linear warm-up steps

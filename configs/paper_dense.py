@@ -13,5 +13,5 @@ from dsc_jax.train.presets import paper_recipe
 def get_config():
     """The paper recipe with the dense FFN."""
     c = paper_recipe("dense")
-    c.model.dense_hidden = 2611  # H
+    c.model.dense.hidden_dim = 2611  # H
     return c

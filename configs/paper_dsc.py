@@ -14,8 +14,8 @@ from dsc_jax.train.presets import paper_recipe
 def get_config():
     """The paper recipe with the dsc FFN."""
     c = paper_recipe("dsc")
-    c.model.dsc_num_bases = 1523  # M, atoms in the bank
-    c.model.dsc_top_k = 4  # K, active atoms per token
-    c.model.dsc_static_dim = 327  # H, static FFN width
-    c.model.dsc_variant = "refined"  # Algorithm 2: router LayerNorm, vector γ
+    c.model.dsc.num_bases = 1523  # M, atoms in the bank
+    c.model.dsc.top_k = 4  # K, active atoms per token
+    c.model.dsc.hidden_dim = 327  # H, static FFN width
+    c.model.dsc.variant = "refined"  # Algorithm 2: router LayerNorm, vector γ
     return c

@@ -14,8 +14,8 @@ from dsc_jax.train.presets import paper_recipe
 def get_config():
     """The paper recipe with the moe FFN."""
     c = paper_recipe("moe")
-    c.model.moe_num_experts = 5  # E
-    c.model.moe_top_k = 2  # experts per token
-    c.model.moe_hidden = 545  # H_e, expert width
-    c.model.moe_jitter_std = 0.01  # N(0, 0.01) noise on the gate logits in training
+    c.model.moe.num_experts = 5  # E
+    c.model.moe.top_k = 2  # experts per token
+    c.model.moe.hidden_dim = 545  # H_e, expert width
+    c.model.moe.jitter_std = 0.01  # N(0, 0.01) noise on the router logits in training
     return c

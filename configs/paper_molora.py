@@ -14,8 +14,8 @@ from dsc_jax.train.presets import paper_recipe
 def get_config():
     """The paper recipe with the molora FFN."""
     c = paper_recipe("molora")
-    c.model.molora_num_experts = 16  # E LoRA experts
-    c.model.molora_rank = 108  # r
-    c.model.molora_top_k = 2  # experts per token
-    c.model.molora_static_dim = 868  # H of the static FFN
+    c.model.molora.num_experts = 16  # E LoRA experts
+    c.model.molora.rank = 108  # r
+    c.model.molora.top_k = 2  # experts per token
+    c.model.molora.hidden_dim = 868  # H of the static FFN
     return c

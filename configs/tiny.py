@@ -30,9 +30,9 @@ def get_config():
     c.model.num_heads = 2  # attention heads
     c.model.d_model = 32  # d
     c.model.dropout_rate = 0.1  # dropout on (so resume must restore the dropout stream)
-    c.model.dsc_num_bases = 16  # M atoms
-    c.model.dsc_top_k = 2  # K active atoms
-    c.model.dsc_static_dim = 32  # H of the static FFN
+    c.model.dsc.num_bases = 16  # M atoms
+    c.model.dsc.top_k = 2  # K active atoms
+    c.model.dsc.hidden_dim = 32  # H of the static FFN
     c.optim.learning_rate = 3e-3  # high peak lr: the loss must fall within a few steps
     c.optim.min_learning_rate = 3e-4  # cosine end value
     c.optim.warmup_steps = 5  # linear warm-up steps

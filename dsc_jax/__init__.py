@@ -1,32 +1,58 @@
 """dsc_jax: Dynamic Subspace Composition (arXiv 2512.23448) in JAX/Flax.
 
-Public API (stable names): the layers :class:`DSCLayer`, :class:`DenseFFN`, :class:`MoELayer`,
-:class:`MoLoRALayer`; the model :class:`GPT` / :class:`GPTConfig`; the regulariser helpers
-:class:`LossWeights`, :func:`regularization_loss`, :func:`cross_entropy_loss`; the bank
-projection :func:`retract_bank`; and the iso-active solver :func:`solve_iso_active`.
+Public API:
+
+* layers (Flax Linen, :mod:`dsc_jax.layers`): :class:`DSCLayer`, :class:`MoELayer`,
+  :class:`MoLoRALayer`, :class:`DenseFFN`, and their per-kind configs :class:`DSCConfig`,
+  :class:`MoEConfig`, :class:`MoLoRAConfig`, :class:`DenseConfig`;
+* the same layers as Flax NNX modules: :mod:`dsc_jax.nnx`;
+* the model (:mod:`dsc_jax.models`): :class:`GPT` / :class:`GPTConfig`, the iso-active
+  solver :func:`solve_iso_active`;
+* losses: :class:`LossWeights`, :func:`regularization_loss`, :func:`cross_entropy_loss`;
+* optimisation: :func:`bank_retraction` (optax), :func:`retract_bank`, :func:`param_labels`;
+* sharding: :data:`LOGICAL_AXIS_RULES` (merge into your model's rules);
+* the paper's numbers: :mod:`dsc_jax.paper`.
 """
 
-from dsc_jax.dense import DenseFFN
-from dsc_jax.dsc import DSCLayer
-from dsc_jax.gpt import GPT, GPTConfig
-from dsc_jax.losses import LossWeights, cross_entropy_loss, regularization_loss
-from dsc_jax.moe import MoELayer
-from dsc_jax.molora import MoLoRALayer
-from dsc_jax.solver import IsoActiveSolution, solve_iso_active
-from dsc_jax.train.state import retract_bank
+from dsc_jax import paper
+from dsc_jax.bank import bank_retraction, retract_bank
+from dsc_jax.layers import (
+    DenseConfig,
+    DenseFFN,
+    DSCConfig,
+    DSCLayer,
+    LossWeights,
+    MoEConfig,
+    MoELayer,
+    MoLoRAConfig,
+    MoLoRALayer,
+    cross_entropy_loss,
+    regularization_loss,
+)
+from dsc_jax.models import GPT, GPTConfig, IsoActiveSolution, solve_iso_active
+from dsc_jax.param_groups import param_labels
+from dsc_jax.sharding import LOGICAL_AXIS_RULES
 
 __all__ = [
     "GPT",
+    "LOGICAL_AXIS_RULES",
+    "DSCConfig",
     "DSCLayer",
+    "DenseConfig",
     "DenseFFN",
     "GPTConfig",
     "IsoActiveSolution",
     "LossWeights",
+    "MoEConfig",
     "MoELayer",
+    "MoLoRAConfig",
     "MoLoRALayer",
+    "bank_retraction",
     "cross_entropy_loss",
+    "paper",
+    "param_labels",
     "regularization_loss",
     "retract_bank",
     "solve_iso_active",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -53,3 +54,10 @@ def check_float_input(owner: str, x: Any, features: int | None = None) -> None:
             f"{owner}: input last dimension {x.shape[-1]} (shape {tuple(x.shape)}) does not match "
             f"the parameters' model dimension {features}."
         )
+
+
+def check_finite_positive(owner: str, field: str, value: Any) -> None:
+    """Raise unless ``value`` is a finite real number > 0 (``inf`` and ``nan`` are refused)."""
+    check_positive_float(owner, field, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}.{field}={value!r} is invalid; expected a finite number > 0.")

@@ -55,6 +55,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv", None),  # head dim: small, kept whole
     ("position", None),  # learned positions: small, kept whole
     ("rank", None),  # LoRA rank: small, kept whole
+    ("layers", None),  # the stacked-layer axis of GPTConfig(scan_layers=True)
 )
 
 _LOGGED_FALLBACKS: set[tuple[Any, ...]] = set()

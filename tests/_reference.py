@@ -37,7 +37,7 @@ def dsc_reference(
 ) -> dict:
     """DSC forward for ``x: [N, d]`` in float64; returns every intermediate and the output."""
     x = np.asarray(x, np.float64)
-    static = gelu(x @ params["static_in"]["kernel"]) @ params["static_out"]["kernel"]
+    static = gelu(x @ params["mlp_in"]["kernel"]) @ params["mlp_out"]["kernel"]
     router_in = x
     if variant == "refined":
         norm = params["router_norm"]
@@ -69,7 +69,7 @@ def dsc_reference(
     return {
         "output": static + dynamic,
         "indices": indices,
-        "coefficients": coefficients,
+        "gates": coefficients,
         "signal": signal,
         "delta_w": delta_w,
         "aux": num_bases * np.sum(probs.mean(0) ** 2),

@@ -37,9 +37,9 @@ TINY = [
     "--set=moe_hidden=16",
     "--set=molora_num_experts=4",
     "--set=molora_rank=4",
-    "--set=molora_static_dim=32",
+    "--set=molora_hidden_dim=32",
     "--set=dsc_num_bases=32",
-    "--set=dsc_static_dim=32",
+    "--set=dsc_hidden_dim=32",
 ]
 
 
@@ -117,7 +117,7 @@ def test_select_and_sizes() -> None:
 def test_with_losses_training_path() -> None:
     bench = _load_module()
     sizes = bench.LayerSizes.paper().replace(
-        ["dense_hidden=32", "dsc_num_bases=16", "dsc_static_dim=16"]
+        ["dense_hidden=32", "dsc_num_bases=16", "dsc_hidden_dim=16"]
     )
     report = bench.run_benchmark(
         batch=2,

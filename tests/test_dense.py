@@ -13,7 +13,7 @@ import pytest
 from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
-from dsc_jax.dense import DenseFFN
+from dsc_jax.layers.dense import DenseFFN
 
 D, H = 16, 32
 X_SHAPE = (2, 8, D)  # 16 tokens
@@ -29,8 +29,8 @@ def np_gelu(x: np.ndarray) -> np.ndarray:
 
 
 def np_dense(params: dict, x: np.ndarray) -> np.ndarray:
-    w1 = np.asarray(params["wi"]["kernel"], np.float64)
-    w2 = np.asarray(params["wo"]["kernel"], np.float64)
+    w1 = np.asarray(params["mlp_in"]["kernel"], np.float64)
+    w2 = np.asarray(params["mlp_out"]["kernel"], np.float64)
     return np_gelu(np.asarray(x, np.float64) @ w1) @ w2
 
 
@@ -42,8 +42,8 @@ def random_params(seed: int = 0) -> dict:
     """Unit-scale weights so that outputs are O(1) (NumPy RNG: no per-shape compilations)."""
     rng = np.random.default_rng(seed)
     return {
-        "wi": {"kernel": jnp.asarray(rng.standard_normal((D, H)) / math.sqrt(D), jnp.float32)},
-        "wo": {"kernel": jnp.asarray(rng.standard_normal((H, D)) / math.sqrt(H), jnp.float32)},
+        "mlp_in": {"kernel": jnp.asarray(rng.standard_normal((D, H)) / math.sqrt(D), jnp.float32)},
+        "mlp_out": {"kernel": jnp.asarray(rng.standard_normal((H, D)) / math.sqrt(H), jnp.float32)},
     }
 
 
@@ -55,12 +55,12 @@ def test_param_tree_shapes_logical_axes_and_init():
     x = inputs()
     variables = jax.jit(make().init)(rng_key(0), x)
     specs = nn.get_partition_spec(variables)["params"]
-    assert specs == {"wi": {"kernel": P("embed", "mlp")}, "wo": {"kernel": P("mlp", "embed")}}
+    assert specs == {"mlp_in": {"kernel": P("embed", "mlp")}, "mlp_out": {"kernel": P("mlp", "embed")}}
     params = nn.unbox(variables["params"])
-    assert jax.tree.map(jnp.shape, params) == {"wi": {"kernel": (D, H)}, "wo": {"kernel": (H, D)}}
+    assert jax.tree.map(jnp.shape, params) == {"mlp_in": {"kernel": (D, H)}, "mlp_out": {"kernel": (H, D)}}
     # 512 samples each: the sample std is within ~10% of the target with overwhelming odds.
-    np.testing.assert_allclose(np.std(params["wi"]["kernel"]), 0.02, rtol=0.15)
-    np.testing.assert_allclose(np.std(params["wo"]["kernel"]), 0.1, rtol=0.15)
+    np.testing.assert_allclose(np.std(params["mlp_in"]["kernel"]), 0.02, rtol=0.15)
+    np.testing.assert_allclose(np.std(params["mlp_out"]["kernel"]), 0.1, rtol=0.15)
     # Boxed and unboxed trees give the same output.
     boxed, unboxed = jax.jit(lambda v, p: (make().apply(v, x), make().apply(p, x)))(
         {"params": variables["params"]}, {"params": params}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsc_jax.dsc import DSCLayer, resolve_compute
+from dsc_jax.layers.dsc import DSCLayer, resolve_compute
 from tests._reference import dsc_reference, to_numpy64
 
 D_MODEL, NUM_BASES, TOP_K, HIDDEN = 16, 24, 4, 20
@@ -21,7 +21,7 @@ ATOL, RTOL = 1e-5, 1e-4
 
 
 def make_layer(variant: str = "refined", **overrides) -> DSCLayer:
-    fields = dict(num_bases=NUM_BASES, top_k=TOP_K, static_dim=HIDDEN, variant=variant)
+    fields = dict(num_bases=NUM_BASES, top_k=TOP_K, hidden_dim=HIDDEN, variant=variant)
     fields.update(overrides)
     return DSCLayer(**fields)
 
@@ -70,7 +70,7 @@ def test_forward_matches_float64_reference(variant, compute):
     np.testing.assert_allclose(y.reshape(-1, D_MODEL), ref["output"], atol=ATOL, rtol=RTOL)
     np.testing.assert_array_equal(inter["top_k_indices"][0].reshape(-1, TOP_K), ref["indices"])
     np.testing.assert_allclose(
-        inter["coefficients"][0].reshape(-1, TOP_K), ref["coefficients"], atol=1e-6, rtol=1e-5
+        inter["gates"][0].reshape(-1, TOP_K), ref["gates"], atol=1e-6, rtol=1e-5
     )
     np.testing.assert_allclose(inter["signal"][0].reshape(-1), ref["signal"], rtol=1e-5)
     for name in ("aux", "budget", "frame", "z"):
@@ -82,8 +82,8 @@ def test_param_tree_shapes_and_logical_names():
     basic = make_layer("basic").init(jax.random.key(0), inputs())
     assert set(refined) == {"params"}, "init must not leak sown losses/intermediates"
     expected = {
-        ("static_in", "kernel"): ((D_MODEL, HIDDEN), ("embed", "mlp")),
-        ("static_out", "kernel"): ((HIDDEN, D_MODEL), ("mlp", "embed")),
+        ("mlp_in", "kernel"): ((D_MODEL, HIDDEN), ("embed", "mlp")),
+        ("mlp_out", "kernel"): ((HIDDEN, D_MODEL), ("mlp", "embed")),
         ("router_norm", "scale"): ((D_MODEL,), ("embed",)),
         ("router_norm", "bias"): ((D_MODEL,), ("embed",)),
         ("router", "kernel"): ((D_MODEL, NUM_BASES), ("embed", "bases")),
@@ -111,7 +111,7 @@ def test_param_tree_shapes_and_logical_names():
 
 
 def test_frame_identity_matches_gram_form():
-    from dsc_jax.router import frame_loss, normalize_rows
+    from dsc_jax.layers.dsc_router import frame_loss, normalize_rows
 
     bank_u = normalize_rows(jax.random.normal(jax.random.key(3), (40, 12)), 1e-6)
     bank_v = normalize_rows(jax.random.normal(jax.random.key(4), (40, 12)), 1e-6)
@@ -128,9 +128,9 @@ def test_contraction_and_continuity_at_identity():
     _, inter, _ = apply_all(layer, params, x)
     # Σ ẑ = S/(S+ε)·tanh(S) < 1 exactly; float32 tanh rounds to 1 for S ≳ 9, hence <= here
     # and strict < in the float64 reference.
-    assert np.all(np.sum(inter["coefficients"][0], -1) <= 1.0)
+    assert np.all(np.sum(inter["gates"][0], -1) <= 1.0)
     ref = dsc_reference(to_numpy64(params), np.asarray(x).reshape(-1, D_MODEL), TOP_K, "refined")
-    assert np.all(ref["coefficients"].sum(-1) < 1.0)
+    assert np.all(ref["gates"].sum(-1) < 1.0)
     # Push every logit down: S → 0 and ẑ → 0 monotonically, and y → the static FFN alone.
     static_only = dict(params, gamma=jnp.zeros_like(params["gamma"]))
     y_static = layer.apply({"params": static_only}, x)
@@ -142,7 +142,7 @@ def test_contraction_and_continuity_at_identity():
             params, router={**params["router"], "bias": params["router"]["bias"] + shift}
         )
         y, inter, _ = apply_all(layer, shifted, x)
-        coefficient_sums = np.sum(inter["coefficients"][0], -1)
+        coefficient_sums = np.sum(inter["gates"][0], -1)
         # ẑ shrinks monotonically, and so does the dynamic part: |y - f(x)| <= |x| ‖γ‖∞ Σ ẑ.
         assert coefficient_sums.max() < previous_sum
         gaps = np.linalg.norm(np.asarray(y - y_static), axis=-1)

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsc_jax import sharding as sh
-from dsc_jax.dsc import DSCLayer
+from dsc_jax.layers.dsc import DSCLayer
 
 D_MODEL, NUM_BASES, TOP_K, HIDDEN = 16, 32, 4, 24
 BATCH, SEQ = 8, 4  # 32 tokens
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 def _layer(compute: str = "gather", variant: str = "refined") -> DSCLayer:
     return DSCLayer(
-        num_bases=NUM_BASES, top_k=TOP_K, static_dim=HIDDEN, variant=variant, compute=compute
+        num_bases=NUM_BASES, top_k=TOP_K, hidden_dim=HIDDEN, variant=variant, compute=compute
     )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from dsc_jax.gpt import GPT, GPTConfig, causal_mask
+from dsc_jax.models.gpt import GPT, GPTConfig, causal_mask
 
 KINDS = ("dense", "moe", "molora", "dsc")
 TINY = dict(
@@ -27,9 +27,9 @@ TINY = dict(
     moe_hidden=16,
     molora_num_experts=4,
     molora_rank=4,
-    molora_static_dim=32,
+    molora_hidden_dim=32,
     dsc_num_bases=16,
-    dsc_static_dim=32,
+    dsc_hidden_dim=32,
 )
 
 
@@ -139,8 +139,8 @@ def test_init_standard_deviations():
         "wte": (params["wte"]["embedding"], 0.02),
         "query": (block["attn"]["query"]["kernel"], 0.02),
         "attn_out": (block["attn"]["out"]["kernel"], resid),
-        "ffn_in": (block["ffn"]["wi"]["kernel"], 0.02),
-        "ffn_out": (block["ffn"]["wo"]["kernel"], resid),
+        "ffn_in": (block["ffn"]["mlp_in"]["kernel"], 0.02),
+        "ffn_out": (block["ffn"]["mlp_out"]["kernel"], resid),
     }
     for name, (value, std) in expected.items():
         assert float(jnp.std(value)) == pytest.approx(std, rel=0.05), name

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsc_jax.gpt import GPT, GPTConfig
-from dsc_jax.losses import (
+from dsc_jax.models.gpt import GPT, GPTConfig
+from dsc_jax.layers.losses import (
     TERM_NAMES,
     LossWeights,
     cross_entropy_loss,
@@ -86,7 +86,7 @@ def test_weighted_total_of_a_gpt_equals_hand_sum(kind):
         moe_num_experts=4,
         moe_hidden=16,
         dsc_num_bases=16,
-        dsc_static_dim=32,
+        dsc_hidden_dim=32,
     )
     model = GPT(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 64, jnp.int32)

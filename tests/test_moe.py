@@ -13,7 +13,7 @@ import pytest
 from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
-from dsc_jax.moe import MoELayer, expert_capacity
+from dsc_jax.layers.moe import MoELayer, expert_capacity
 
 D, E, K, H = 16, 4, 2, 32
 X_SHAPE = (4, 8, D)  # N = 32 tokens

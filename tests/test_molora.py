@@ -13,7 +13,7 @@ import pytest
 from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
-from dsc_jax.molora import MoLoRALayer
+from dsc_jax.layers.molora import MoLoRALayer
 
 D, E, R, K, H = 16, 4, 3, 2, 32
 X_SHAPE = (4, 8, D)  # N = 32 tokens
@@ -43,8 +43,8 @@ def random_params(seed: int = 0) -> dict:
         return jnp.asarray(std * rng.standard_normal(shape), jnp.float32)
 
     return {
-        "static_in": {"kernel": normal((D, H), 1 / math.sqrt(D))},
-        "static_out": {"kernel": normal((H, D), 1 / math.sqrt(H))},
+        "mlp_in": {"kernel": normal((D, H), 1 / math.sqrt(D))},
+        "mlp_out": {"kernel": normal((H, D), 1 / math.sqrt(H))},
         "router": {"kernel": normal((D, E), 1 / math.sqrt(D)), "bias": normal((E,), 0.3)},
         "lora_a": normal((E, D, R), 1 / math.sqrt(D)),
         "lora_b": normal((E, R, D), 1 / math.sqrt(R)),
@@ -64,7 +64,7 @@ def np_molora(params: dict, x: jax.Array, top_k: int = K) -> dict:
     """Float64 MoLoRA written from the spec: router on raw x, softmax over the k logits."""
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     tokens = np.asarray(x, np.float64).reshape(-1, D)
-    y = np_gelu(tokens @ p64["static_in"]["kernel"]) @ p64["static_out"]["kernel"]
+    y = np_gelu(tokens @ p64["mlp_in"]["kernel"]) @ p64["mlp_out"]["kernel"]
     logits = tokens @ p64["router"]["kernel"] + p64["router"]["bias"]
     indices = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
     gates = np_softmax(np.take_along_axis(logits, indices, axis=-1))
@@ -94,8 +94,8 @@ def test_param_tree_logical_axes_init_and_zero_lora_start():
     x = inputs()
     variables = jax.jit(make().init)(rng_key(0), x)
     assert nn.get_partition_spec(variables)["params"] == {
-        "static_in": {"kernel": P("embed", "mlp")},
-        "static_out": {"kernel": P("mlp", "embed")},
+        "mlp_in": {"kernel": P("embed", "mlp")},
+        "mlp_out": {"kernel": P("mlp", "embed")},
         "router": {"kernel": P("embed", "experts"), "bias": P("experts")},
         "lora_a": P("experts", "embed", "rank"),
         "lora_b": P("experts", "rank", "embed"),
@@ -104,8 +104,8 @@ def test_param_tree_logical_axes_init_and_zero_lora_start():
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, random_params())
     np.testing.assert_array_equal(params["lora_b"], np.zeros((E, R, D)))
     np.testing.assert_array_equal(params["router"]["bias"], np.zeros(E))
-    np.testing.assert_allclose(np.std(params["static_in"]["kernel"]), 0.02, rtol=0.15)
-    np.testing.assert_allclose(np.std(params["static_out"]["kernel"]), 0.1, rtol=0.15)
+    np.testing.assert_allclose(np.std(params["mlp_in"]["kernel"]), 0.02, rtol=0.15)
+    np.testing.assert_allclose(np.std(params["mlp_out"]["kernel"]), 0.1, rtol=0.15)
     np.testing.assert_allclose(np.std(params["lora_a"]), 0.02, rtol=0.15)
 
     @jax.jit

@@ -23,7 +23,7 @@ def toy_params() -> dict:
             "ln_1": {"scale": ones((4,)), "bias": ones((4,))},
             "attn": {"query": {"kernel": ones((4, 2, 2))}},
             "ffn": {
-                "static_in": {"kernel": ones((4, 8))},
+                "mlp_in": {"kernel": ones((4, 8))},
                 "router_norm": {"scale": ones((4,)), "bias": ones((4,))},
                 "router": {"kernel": ones((4, 6)), "bias": ones((6,))},
                 "basis_u": ones((6, 4)),
@@ -31,7 +31,7 @@ def toy_params() -> dict:
                 "gamma": ones((4,)),
             },
         },
-        "block_1": {"ffn": {"gate": {"kernel": ones((4, 3))}, "wi": ones((3, 4, 8))}},
+        "block_1": {"ffn": {"gate": {"kernel": ones((4, 3))}, "mlp_in": ones((3, 4, 8))}},
     }
 
 
@@ -49,10 +49,10 @@ def test_param_groups_follow_the_path_rules():
     assert ffn["router"] == {"kernel": "router", "bias": "router"}
     assert ffn["router_norm"] == {"scale": "router", "bias": "router"}
     assert labels["block_1"]["ffn"]["gate"]["kernel"] == "router"
-    for decayed in (ffn["basis_u"], ffn["static_in"]["kernel"], labels["wte"]["embedding"]):
+    for decayed in (ffn["basis_u"], ffn["mlp_in"]["kernel"], labels["wte"]["embedding"]):
         assert decayed == "decay"
     assert labels["block_0"]["attn"]["query"]["kernel"] == "decay"
-    assert labels["block_1"]["ffn"]["wi"] == "decay"
+    assert labels["block_1"]["ffn"]["mlp_in"] == "decay"
     assert ffn["gamma"] == "no_decay"
     assert labels["block_0"]["ln_1"] == {"scale": "no_decay", "bias": "no_decay"}
 
@@ -71,7 +71,7 @@ def test_router_lr_is_multiplier_times_lr_at_every_step():
         router = float(updates["block_0"]["ffn"]["router"]["kernel"][0, 0])
         router_norm = float(updates["block_0"]["ffn"]["router_norm"]["scale"][0])
         gate = float(updates["block_1"]["ffn"]["gate"]["kernel"][0, 0])
-        other = float(updates["block_0"]["ffn"]["static_in"]["kernel"][0, 0])
+        other = float(updates["block_0"]["ffn"]["mlp_in"]["kernel"][0, 0])
         gamma = float(updates["block_0"]["ffn"]["gamma"][0])
         lr = float(schedule(step))
         if step == 0:

@@ -57,7 +57,7 @@ EXPECTED = {  # path -> spec over (data, fsdp, tensor); sizes d=16, heads=2, M=8
     ("wpe", "embedding"): P(None, "fsdp"),
     ("block_0", "attn", "query", "kernel"): P("fsdp", "tensor", None),
     ("block_0", "attn", "out", "kernel"): P("tensor", None, "fsdp"),
-    ("block_0", "ffn", "static_in", "kernel"): P("fsdp", "tensor"),
+    ("block_0", "ffn", "mlp_in", "kernel"): P("fsdp", "tensor"),
     ("block_0", "ffn", "basis_u"): P("tensor", "fsdp"),
     ("block_0", "ffn", "router", "kernel"): P("fsdp", "tensor"),
     ("block_0", "ffn", "router", "bias"): P("tensor"),

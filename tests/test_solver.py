@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from dsc_jax.gpt import GPTConfig
-from dsc_jax.solver import (
+from dsc_jax.models.gpt import GPTConfig
+from dsc_jax.models.solver import (
     budget_ffn_params,
     closed_form_params,
     count_params,

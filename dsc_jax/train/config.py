@@ -11,24 +11,41 @@ from typing import Any
 
 import ml_collections
 
+from dsc_jax import paper
 from dsc_jax._checks import check_choice, check_positive_float, check_positive_int
+from dsc_jax.bank import BANK_PROJECTIONS
 from dsc_jax.data.config import default_data_config, validate_data_config
-from dsc_jax.gpt import GPTConfig
-from dsc_jax.losses import LossWeights
+from dsc_jax.layers.configs import FFN_CONFIGS, ffn_config
+from dsc_jax.layers.losses import LossWeights
+from dsc_jax.models.gpt import GPTConfig
 from dsc_jax.sharding import MESH_AXES, default_mesh_config, parse_rule_overrides
 from dsc_jax.train.optim import default_optim_config
-from dsc_jax.train.state import BANK_PROJECTIONS
 
 OWNER = "config"
 
 
+def _ffn_group(kind: str) -> ml_collections.ConfigDict:
+    """The defaults of one FFN kind; ``None`` fields become typed placeholders so that
+    ``--config.model.KIND.FIELD=value`` still works on them."""
+    group = ml_collections.ConfigDict()
+    for name, value in FFN_CONFIGS[kind]().to_dict().items():
+        group[name] = ml_collections.config_dict.placeholder(float) if value is None else value
+    return group
+
+
 def default_model_config() -> ml_collections.ConfigDict:
-    """The ``model`` group: every :class:`dsc_jax.gpt.GPTConfig` field with its default
-    (the paper's DSC model), except ``vocab_size = 0`` (take the data's vocabulary) and
-    ``max_seq_len = 0`` (take ``seq_len``). See ``GPTConfig``'s docstring for each field."""
-    cfg = ml_collections.ConfigDict(GPTConfig().to_dict())
+    """The ``model`` group: every :class:`dsc_jax.GPTConfig` field with its default (the
+    paper's DSC model), except ``vocab_size = 0`` (take the data's vocabulary) and
+    ``max_seq_len = 0`` (take ``seq_len``). ``ffn`` names the FFN kind; the sub-groups
+    ``dense``, ``moe``, ``molora`` and ``dsc`` hold each kind's fields (only ``ffn``'s is
+    used): ``--config.model.ffn=moe --config.model.moe.top_k=1``."""
+    fields = GPTConfig().to_dict()
+    cfg = ml_collections.ConfigDict({k: v for k, v in fields.items() if k != "ffn"})
     cfg.vocab_size = 0
     cfg.max_seq_len = 0
+    cfg.ffn = fields["ffn"]["kind"]
+    for kind in FFN_CONFIGS:
+        cfg[kind] = _ffn_group(kind)
     return cfg
 
 
@@ -69,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Write checkpoints in a background thread (training continues while files are written).
     c.async_checkpointing = True
     # Router learning rate = this × the base learning rate, at every step (paper: 5).
-    c.router_lr_multiplier = 5.0
+    c.router_lr_multiplier = paper.ROUTER_LR_MULTIPLIER
     # DSC bank after each update: "retract" (unit rows), "tangent" (tangent-space update
     # then retract) or "none" (spec §4).
     c.bank_projection = "retract"
@@ -113,6 +130,20 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
       ValueError: bad model fields, or an explicit vocabulary smaller than the data's.
     """
     fields = _as_dict(config.model)
+    kind = fields.get("ffn")
+    if kind not in FFN_CONFIGS:
+        raise ValueError(
+            f"model.ffn={kind!r} is not allowed; expected one of {tuple(FFN_CONFIGS)}."
+        )
+    for group in FFN_CONFIGS:
+        group_fields = fields.pop(group, None)
+        if group_fields is None:
+            raise ValueError(f"model: missing key(s) [{group!r}]; start from base_config().")
+        if group == kind:
+            try:
+                fields["ffn"] = ffn_config(kind, group_fields)
+            except ValueError as err:
+                raise ValueError(f"model.{kind}: {err}") from None
     data_vocab = vocab_size or 256
     if fields.get("vocab_size") == 0:
         fields["vocab_size"] = data_vocab
@@ -158,6 +189,7 @@ def _validate_optim(optim: Any, num_train_steps: int) -> None:
     _check_unit_interval(owner, "b2", optim.b2)
     check_positive_float(owner, "eps", optim.eps)
     check_positive_float(owner, "grad_clip_norm", optim.grad_clip_norm, allow_zero=True)
+    check_choice(owner, "decay_gamma", optim.decay_gamma, (True, False))
 
 
 def _validate_mesh(mesh: Any) -> None:

@@ -36,11 +36,10 @@ def _pool_size(params: Mapping[str, Any] | None) -> int | None:
     """Number of atoms / experts of a routed layer, from its parameters."""
     if not params:
         return None
-    if "basis_u" in params:
-        return int(params["basis_u"].shape[0])
-    for name in ("router", "gate"):
-        if name in params and "kernel" in params[name]:
-            return int(params[name]["kernel"].shape[-1])
+    if "basis_u" in params:  # [M, d], or [layers, M, d] under nn.scan
+        return int(params["basis_u"].shape[-2])
+    if "router" in params and "kernel" in params["router"]:
+        return int(params["router"]["kernel"].shape[-1])
     return None
 
 
@@ -116,8 +115,18 @@ def bank_parameters(params: Any) -> dict[str, jax.Array]:
 
 
 def bank_effective_ranks(banks: Mapping[str, Any]) -> dict[str, float]:
-    """:func:`effective_rank` of each bank from :func:`bank_parameters`."""
-    return {key: effective_rank(np.asarray(jax.device_get(bank))) for key, bank in banks.items()}
+    """:func:`effective_rank` of each bank from :func:`bank_parameters`; a bank stacked by
+    ``nn.scan`` (``[layers, M, d]``) gives one value per layer (``.../layer_{i}/erank_u``)."""
+    out = {}
+    for key, bank in banks.items():
+        bank = np.asarray(jax.device_get(bank))
+        if bank.ndim == 2:
+            out[key] = effective_rank(bank)
+            continue
+        head, name = key.rsplit("/", 1)
+        for layer, layer_bank in enumerate(bank):
+            out[f"{head}/layer_{layer}/{name}"] = effective_rank(layer_bank)
+    return out
 
 
 def finalize_eval(sums: Mapping[str, Any]) -> dict[str, float]:

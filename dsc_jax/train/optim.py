@@ -1,15 +1,9 @@
 """Optimiser of spec §7: AdamW with parameter groups, warm-up + cosine schedule, clipping.
 
-Parameter groups are chosen by path rules on the parameter tree (only the dict keys of the
-path count, so boxed ``nn.Partitioned`` trees label the same as unboxed ones):
-
-* ``"router"``: any path component equals one of :data:`ROUTER_MODULE_NAMES`
-  (``router``, ``router_norm``, ``gate``): the DSC/MoLoRA router kernel and bias, the router
-  LayerNorm of DSC (refined) and MoE, the MoE gate. Learning rate
-  ``router_lr_multiplier × lr(step)`` at every step, no weight decay.
-* ``"decay"``: every other parameter with ``ndim >= 2`` (embeddings, attention and FFN
-  kernels, the DSC bank ``basis_u``/``basis_v``, expert weights): AdamW weight decay.
-* ``"no_decay"``: every other parameter (LayerNorm scales/biases, biases, DSC ``gamma``).
+Parameter groups are :func:`dsc_jax.param_groups.param_labels`: ``"router"`` (learning
+rate ``router_lr_multiplier × lr(step)`` at every step, no weight decay), ``"bank"`` and
+``"decay"`` (AdamW weight decay), ``"no_decay"`` (none). DSC ``gamma`` is not decayed
+unless ``optim.decay_gamma`` (the reference code decays it; spec §7 decays ≥2-D only).
 
 The whole chain is ``clip_by_global_norm`` (over all parameters, like PyTorch's
 ``clip_grad_norm_``) followed by one Adam (β₁, β₂, ε outside the square root, bias-corrected)
@@ -19,38 +13,15 @@ learning rate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
-ROUTER_MODULE_NAMES: tuple[str, ...] = ("router", "router_norm", "gate")
-GROUPS: tuple[str, ...] = ("decay", "no_decay", "router")
-
-
-def path_names(path: Sequence[Any]) -> tuple[str, ...]:
-    """The dict keys of a ``jax.tree_util`` key path, as strings (other key kinds dropped)."""
-    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def param_group(
-    path: Sequence[Any], leaf: Any, router_names: Sequence[str] = ROUTER_MODULE_NAMES
-) -> str:
-    """Group label (one of :data:`GROUPS`) of one parameter from its key path and array."""
-    if any(name in router_names for name in path_names(path)):
-        return "router"
-    return "decay" if jnp.ndim(leaf) >= 2 else "no_decay"
-
-
-def param_groups(params: Any, router_names: Sequence[str] = ROUTER_MODULE_NAMES) -> Any:
-    """Tree of group labels with the structure of ``params`` (boxed or unboxed)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: param_group(path, leaf, router_names), params
-    )
-
+from dsc_jax import paper
+from dsc_jax.param_groups import ROUTER_MODULE_NAMES, param_labels
 
 def lr_schedule(peak: float, minimum: float, warmup_steps: int, decay_steps: int) -> optax.Schedule:
     """Linear warm-up ``0 → peak`` over ``warmup_steps``, cosine ``peak → minimum`` until step
@@ -91,7 +62,7 @@ def make_optimizer(
     Args:
       optim: fields ``learning_rate`` (peak), ``min_learning_rate``, ``warmup_steps``,
         ``decay_steps`` (0: ``num_train_steps``), ``weight_decay``, ``b1``, ``b2``, ``eps``,
-        ``grad_clip_norm`` (0: no clipping).
+        ``grad_clip_norm`` (0: no clipping), ``decay_gamma``.
       num_train_steps: default end of the cosine decay.
       router_lr_multiplier: router-group learning rate / base learning rate (every step).
       router_names: module names that mark router parameters (see the module docstring).
@@ -114,7 +85,11 @@ def make_optimizer(
         "no_decay": _adam_group(schedule, weight_decay=0.0, **common),
         "router": _adam_group(router_schedule, weight_decay=0.0, **common),
     }
-    labels: Callable[[Any], Any] = lambda params: param_groups(params, router_names)  # noqa: E731
+    groups["bank"] = groups["decay"]  # one Adam per group of GROUPS; the bank decays too
+
+    def labels(params: Any) -> Any:
+        return param_labels(params, router_names=router_names, decay_gamma=optim.decay_gamma)
+
     parts = []
     if optim.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
@@ -125,13 +100,14 @@ def make_optimizer(
 def default_optim_config() -> ml_collections.ConfigDict:
     """The ``optim`` config group with spec §7 values."""
     cfg = ml_collections.ConfigDict()
-    cfg.learning_rate = 6e-4  # peak learning rate after warm-up
-    cfg.min_learning_rate = 6e-5  # end value of the cosine decay
-    cfg.warmup_steps = 150  # linear warm-up from 0 over this many steps
+    cfg.learning_rate = paper.LEARNING_RATE  # peak learning rate after warm-up
+    cfg.min_learning_rate = paper.MIN_LEARNING_RATE  # end value of the cosine decay
+    cfg.warmup_steps = paper.WARMUP_STEPS  # linear warm-up from 0 over this many steps
     cfg.decay_steps = 0  # step where the cosine reaches min_learning_rate; 0 = num_train_steps
-    cfg.weight_decay = 0.02  # decoupled AdamW decay on >=2-D non-router parameters
-    cfg.b1 = 0.9  # Adam β1
-    cfg.b2 = 0.95  # Adam β2
-    cfg.eps = 1e-8  # Adam ε (added to sqrt of the second moment)
-    cfg.grad_clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+    cfg.weight_decay = paper.WEIGHT_DECAY  # decoupled AdamW decay on >=2-D non-router params
+    cfg.decay_gamma = False  # also decay DSC gamma (reference code: yes; spec §7: no)
+    cfg.b1 = paper.ADAM_B1  # Adam β1
+    cfg.b2 = paper.ADAM_B2  # Adam β2
+    cfg.eps = paper.ADAM_EPS  # Adam ε (added to sqrt of the second moment)
+    cfg.grad_clip_norm = paper.GRAD_CLIP_NORM  # global-norm gradient clipping; 0 disables
     return cfg

@@ -1,19 +1,10 @@
-"""Train state with the projected-gradient bank normalisation of spec §4, created sharded.
+"""Train state whose optimiser keeps the DSC bank on the unit sphere (spec §4), created sharded.
 
-After every optimiser update each row of every DSC bank parameter (leaf named ``basis_u`` or
-``basis_v``, shape ``[M, d]``) is retracted onto the unit sphere, ``û ← û / max(ε, ‖û‖)``.
-``bank_projection``:
-
-* ``"retract"`` (default): optax update, then the retraction;
-* ``"tangent"``: the optax update ``Δ`` of each bank row is first projected onto the
-  sphere's tangent space at the current unit row ``u``, ``Δ ← Δ − (Δ·u) u`` (this removes
-  the radial part, including decoupled weight decay), then the retraction;
-* ``"none"``: plain optax update; rows drift off the sphere (the forward pass still
-  normalises them).
-
-With a projection, :meth:`TrainState.create` also normalises the initial bank rows, so the
-invariant ``‖û_j‖ = 1`` holds at every step (the DSC layer's forward normalisation makes this
-a no-op on the function the model computes).
+:meth:`TrainState.create` chains :func:`dsc_jax.bank_retraction` (``bank_projection``:
+``"retract"``, ``"tangent"`` or ``"none"``; see :mod:`dsc_jax.bank`) after the optimiser, so
+``apply_gradients`` (flax's own) leaves every bank row unit. With a projection it also
+normalises the initial bank rows, so ``‖û_j‖ = 1`` holds at every step (the DSC layer's
+forward normalisation makes this a no-op on the function the model computes).
 """
 
 from __future__ import annotations
@@ -30,60 +21,15 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from dsc_jax._checks import check_choice
-from dsc_jax.router import normalize_rows
+from dsc_jax.bank import BANK_PROJECTIONS, bank_retraction, retract_bank
 from dsc_jax.sharding import LOGICAL_AXIS_RULES, Rules, logical_to_shardings
-from dsc_jax.train.optim import path_names
-
-BANK_PROJECTIONS: tuple[str, ...] = ("retract", "tangent", "none")
-BANK_PARAM_NAMES: tuple[str, ...] = ("basis_u", "basis_v")
-BANK_EPS = 1e-6  # ε of spec §2 step 6 / §4
-
-
-def is_bank_path(path: Any) -> bool:
-    """Whether a key path ends in a bank parameter name (``basis_u`` / ``basis_v``)."""
-    names = path_names(path)
-    return bool(names) and names[-1] in BANK_PARAM_NAMES
-
-
-def retract_bank(params: Any, eps: float = BANK_EPS) -> Any:
-    """Every bank leaf ``[M, d]`` with rows scaled to unit norm (math in float32)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: normalize_rows(p, eps) if is_bank_path(path) else p, params
-    )
-
-
-def tangent_project_bank(params: Any, updates: Any, eps: float = BANK_EPS) -> Any:
-    """Bank updates with their radial part removed: ``Δ_j − (Δ_j·u_j) u_j`` row-wise, where
-    ``u_j`` is the unit direction of the current row ``û_j``. Other updates pass through."""
-
-    def project(path: Any, update: Any, param: Any) -> Any:
-        if not is_bank_path(path):
-            return update
-        unit = normalize_rows(param, eps).astype(jnp.float32)
-        upd = update.astype(jnp.float32)
-        radial = jnp.sum(upd * unit, axis=-1, keepdims=True)
-        return (upd - radial * unit).astype(update.dtype)
-
-    return jax.tree_util.tree_map_with_path(project, updates, params)
 
 
 class TrainState(train_state.TrainState):
-    """``flax`` train state (``step`` int32 scalar, ``params``, ``opt_state``) whose
-    :meth:`apply_gradients` applies the optax update and then the bank projection."""
+    """``flax`` train state (``step`` int32 scalar, ``params``, ``opt_state``) whose ``tx``
+    ends with :func:`dsc_jax.bank_retraction`."""
 
     bank_projection: str = struct.field(pytree_node=False, default="retract")
-
-    def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
-        """One optimiser step; returns the new state with ``step + 1``."""
-        updates, new_opt_state = self.tx.update(grads, self.opt_state, self.params)
-        if self.bank_projection == "tangent":
-            updates = tangent_project_bank(self.params, updates)
-        new_params = optax.apply_updates(self.params, updates)
-        if self.bank_projection != "none":
-            new_params = retract_bank(new_params)
-        return self.replace(
-            step=self.step + 1, params=new_params, opt_state=new_opt_state, **kwargs
-        )
 
     @classmethod
     def create(
@@ -95,11 +41,12 @@ class TrainState(train_state.TrainState):
         bank_projection: str = "retract",
         **kwargs: Any,
     ) -> TrainState:
-        """New state at step 0 (``params`` may be boxed; bank rows normalised unless
-        ``bank_projection == "none"``)."""
+        """New state at step 0 with ``tx`` chained with the bank projection (``params``
+        may be boxed; bank rows normalised unless ``bank_projection == "none"``)."""
         check_choice("config", "bank_projection", bank_projection, BANK_PROJECTIONS)
         if bank_projection != "none":
             params = retract_bank(params)  # boxes (nn.Partitioned) are kept
+        tx = optax.chain(tx, bank_retraction(bank_projection))
         return cls(
             step=jnp.zeros((), jnp.int32),
             apply_fn=apply_fn,

@@ -2,7 +2,7 @@
 
 A batch is ``[B, T + 1]`` int32 token windows: inputs are ``batch[:, :-1]``, targets
 ``batch[:, 1:]``. The training loss is ``CE + Σ_terms λ_term Σ_layers L_term``
-(:func:`dsc_jax.losses.regularization_loss` over the sown ``"losses"`` collection).
+(:func:`dsc_jax.regularization_loss` over the sown ``"losses"`` collection).
 
 Gradient accumulation: ``batch`` is split into ``micro_batches`` micro-batches of
 ``B / micro_batches`` rows and a ``lax.scan`` sums their gradients, so activation memory is
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsc_jax.losses import TERM_NAMES, LossWeights, regularization_loss
+from dsc_jax.layers.losses import TERM_NAMES, LossWeights, regularization_loss
 from dsc_jax.train.diagnostics import routing_statistics
 from dsc_jax.train.state import TrainState
 
@@ -69,7 +69,8 @@ def loss_fn(
         mutable=["losses"],
     )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
-    reg_total, terms = regularization_loss(mutated.get("losses"), loss_weights)
+    # allow_empty: a dense GPT sows no regulariser (the GPT's own nn.scan keeps "losses").
+    reg_total, terms = regularization_loss(mutated.get("losses"), loss_weights, allow_empty=True)
     loss = ce + reg_total
     metrics = {"train_loss": loss, "train_ce": ce}
     metrics.update({f"reg_{name}": terms[name] for name in TERM_NAMES})

@@ -36,8 +36,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsc_jax.data import build_data
-from dsc_jax.gpt import GPT
-from dsc_jax.losses import LossWeights
+from dsc_jax.layers.losses import LossWeights
+from dsc_jax.models.gpt import GPT
 from dsc_jax.sharding import BATCH_AXES, make_mesh, rules_from_config, shard_batch
 from dsc_jax.train import config as config_lib
 from dsc_jax.train import diagnostics, steps
@@ -233,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info(
         "model: ffn=%s d=%d L=%d, %.2f M parameters | mesh %s | data: %d train / %d validation "
         "tokens, vocab %d | %d steps of %d x %d tokens",
-        model_cfg.ffn,
+        model_cfg.ffn_kind,
         model_cfg.d_model,
         model_cfg.num_layers,
         num_params / 1e6,

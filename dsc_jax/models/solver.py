@@ -27,14 +27,21 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from dsc_jax import paper
 from dsc_jax._checks import check_choice, check_positive_int
-from dsc_jax.gpt import GPT, GPTConfig
+from dsc_jax.layers.configs import FFN_CONFIGS, FFNConfig
+from dsc_jax.models.gpt import GPT, GPTConfig
 
 SOLVER_KINDS = ("dense", "moe", "dsc", "molora")
-DEFAULT_TOP_K = {"dense": None, "moe": 2, "dsc": 4, "molora": 2}
-MIN_HIDDEN = 32  # spec §6: smallest FFN hidden width the solver accepts
-MAX_MOE_EXPERTS = 255  # spec §6: E = k+1 ... 255
-DEFAULT_MOLORA_EXPERTS = 16
+DEFAULT_TOP_K = {
+    "dense": None,
+    "moe": paper.MOE_TOP_K,
+    "dsc": paper.DSC_TOP_K,
+    "molora": paper.MOLORA_TOP_K,
+}
+MIN_HIDDEN = paper.SOLVER_MIN_HIDDEN  # spec §6: smallest FFN hidden width the solver accepts
+MAX_MOE_EXPERTS = paper.SOLVER_MAX_MOE_EXPERTS  # spec §6: E = k+1 ... 255
+DEFAULT_MOLORA_EXPERTS = paper.MOLORA_NUM_EXPERTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +49,9 @@ class IsoActiveSolution:
     """Result of :func:`solve_iso_active`.
 
     Attributes:
-      kind: ``"dense"``, ``"moe"``, ``"dsc"`` or ``"molora"``.
-      hidden: FFN hidden width: dense ``H``, MoE expert ``H_e``, DSC / MoLoRA static ``H``.
-      top_k: experts (MoE, MoLoRA) or atoms (DSC) per token; ``None`` for dense.
-      num_experts: ``E`` (MoE, MoLoRA), else ``None``.
-      num_bases: ``M`` (DSC), else ``None``.
-      rank: LoRA rank ``r`` (MoLoRA), else ``None``.
-      config: ready :class:`GPTConfig` with ``ffn=kind`` and the solved dims.
+      ffn: the solved per-kind FFN config (:class:`dsc_jax.DSCConfig`, ...): ``hidden_dim``
+        and, by kind, ``top_k``, ``num_experts``, ``num_bases``, ``rank``.
+      config: ready :class:`GPTConfig` whose ``ffn`` is :attr:`ffn`.
       total_params: exact count of the initialised parameter tree.
       active_params: exact per-token count, see :func:`count_params`.
       budget_total_params, budget_active_params: the spec §6 accounting (module docstring)
@@ -56,12 +59,7 @@ class IsoActiveSolution:
       fixed_params: the non-FFN parameters (exact; equal to the §6 ``fixed`` term).
     """
 
-    kind: str
-    hidden: int
-    top_k: int | None
-    num_experts: int | None
-    num_bases: int | None
-    rank: int | None
+    ffn: FFNConfig
     config: GPTConfig
     total_params: int
     active_params: int
@@ -69,12 +67,21 @@ class IsoActiveSolution:
     budget_active_params: int
     fixed_params: int
 
+    @property
+    def kind(self) -> str:
+        """``"dense"``, ``"moe"``, ``"dsc"`` or ``"molora"``."""
+        return self.ffn.kind
+
     def summary(self) -> str:
         """One line, e.g. ``dsc: M=1523 K=4 H=327 | total 35.01 M, active 28.01 M ...``."""
-        dims = {"E": self.num_experts, "M": self.num_bases, "r": self.rank, "k": self.top_k}
-        text = " ".join(f"{key}={value}" for key, value in dims.items() if value is not None)
+        dims = {"E": "num_experts", "M": "num_bases", "r": "rank", "k": "top_k"}
+        text = " ".join(
+            f"{key}={getattr(self.ffn, name)}"
+            for key, name in dims.items()
+            if hasattr(self.ffn, name)
+        )
         return (
-            f"{self.kind}: {text + ' ' if text else ''}H={self.hidden} | total "
+            f"{self.kind}: {text + ' ' if text else ''}H={self.ffn.hidden_dim} | total "
             f"{self.total_params / 1e6:.2f} M, active {self.active_params / 1e6:.2f} M "
             f"(budget accounting: {self.budget_total_params / 1e6:.2f} M / "
             f"{self.budget_active_params / 1e6:.2f} M)"
@@ -92,16 +99,17 @@ def fixed_param_count(
 
 def budget_ffn_params(cfg: GPTConfig) -> tuple[int, int]:
     """Per-layer ``(total, active)`` FFN parameters in the spec §6 budget accounting."""
-    d = cfg.d_model
-    if cfg.ffn == "dense":
-        return 2 * d * cfg.dense_hidden, 2 * d * cfg.dense_hidden
-    if cfg.ffn == "moe":
-        e, k, h = cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_hidden
+    d, ffn = cfg.d_model, cfg.ffn
+    h = ffn.hidden_dim
+    if ffn.kind == "dense":
+        return 2 * d * h, 2 * d * h
+    if ffn.kind == "moe":
+        e, k = ffn.num_experts, ffn.top_k
         return e * 2 * d * h + d * e, k * 2 * d * h + d * e
-    if cfg.ffn == "dsc":
-        m, k, h = cfg.dsc_num_bases, cfg.dsc_top_k, cfg.dsc_static_dim
+    if ffn.kind == "dsc":
+        m, k = ffn.num_bases, ffn.top_k
         return 2 * d * h + 3 * d * m, 2 * d * h + d * m + 2 * d * k
-    e, k, h, r = cfg.molora_num_experts, cfg.molora_top_k, cfg.molora_static_dim, cfg.molora_rank
+    e, k, r = ffn.num_experts, ffn.top_k, ffn.rank
     return 2 * d * h + d * e + 2 * d * r * e, 2 * d * h + d * e + 2 * d * r * k
 
 
@@ -114,13 +122,13 @@ def closed_form_params(cfg: GPTConfig) -> tuple[int, int]:
     """
     d = cfg.d_model
     total, active = budget_ffn_params(cfg)
-    extra = 0
-    if cfg.ffn == "moe":
+    ffn, extra = cfg.ffn, 0
+    if ffn.kind == "moe":
         extra = 2 * d
-    elif cfg.ffn == "dsc":
-        extra = cfg.dsc_num_bases + (3 * d if cfg.dsc_variant == "refined" else 1)
-    elif cfg.ffn == "molora":
-        extra = cfg.molora_num_experts
+    elif ffn.kind == "dsc":
+        extra = ffn.num_bases + (3 * d if ffn.variant == "refined" else 1)
+    elif ffn.kind == "molora":
+        extra = ffn.num_experts
     fixed = fixed_param_count(
         d, cfg.num_layers, cfg.vocab_size, cfg.max_seq_len, cfg.tie_embeddings
     )
@@ -136,12 +144,13 @@ def param_shapes(cfg: GPTConfig) -> dict[str, Any]:
 
 def _inactive_fraction(cfg: GPTConfig, name: str) -> Fraction:
     """Fraction of an FFN parameter that a single token does not use."""
-    if cfg.ffn == "moe" and name in ("expert_in", "expert_out"):
-        return Fraction(cfg.moe_num_experts - cfg.moe_top_k, cfg.moe_num_experts)
-    if cfg.ffn == "molora" and name in ("lora_a", "lora_b"):
-        return Fraction(cfg.molora_num_experts - cfg.molora_top_k, cfg.molora_num_experts)
-    if cfg.ffn == "dsc" and name in ("basis_u", "basis_v"):
-        return Fraction(cfg.dsc_num_bases - cfg.dsc_top_k, cfg.dsc_num_bases)
+    ffn = cfg.ffn
+    if ffn.kind == "moe" and name in ("expert_in", "expert_out"):
+        return Fraction(ffn.num_experts - ffn.top_k, ffn.num_experts)
+    if ffn.kind == "molora" and name in ("lora_a", "lora_b"):
+        return Fraction(ffn.num_experts - ffn.top_k, ffn.num_experts)
+    if ffn.kind == "dsc" and name in ("basis_u", "basis_v"):
+        return Fraction(ffn.num_bases - ffn.top_k, ffn.num_bases)
     return Fraction(0)
 
 
@@ -159,7 +168,7 @@ def count_params(cfg: GPTConfig) -> tuple[int, int]:
     for path, leaf in flat.items():
         size = math.prod(leaf.shape)
         total += size
-        if len(path) >= 2 and path[-2] == "ffn":
+        if "ffn" in path[:-1]:
             inactive += size * _inactive_fraction(cfg, path[-1])
     if inactive.denominator != 1:
         raise AssertionError(f"non-integer inactive parameter count {inactive} for {cfg}")
@@ -192,6 +201,7 @@ def solve_iso_active(
     min_hidden: int = MIN_HIDDEN,
     max_experts: int = MAX_MOE_EXPERTS,
     config_overrides: Mapping[str, Any] | None = None,
+    ffn_overrides: Mapping[str, Any] | None = None,
 ) -> IsoActiveSolution:
     """Size the FFN of ``kind`` so the model hits ``total_params`` / ``active_params`` (spec §6).
 
@@ -217,7 +227,9 @@ def solve_iso_active(
       tie_embeddings: untied adds ``V·d`` to the fixed parameters.
       min_hidden, max_experts: the spec's 32 and 255.
       config_overrides: further :class:`GPTConfig` fields (e.g. ``dropout_rate``, ``dtype``);
-        they must not name the solved fields.
+        they must not name ``ffn`` or the transformer's shape.
+      ffn_overrides: further fields of the FFN config that are not solved (e.g. DSC
+        ``variant``, MoE ``dispatch``).
 
     Returns:
       :class:`IsoActiveSolution` with counts from the real parameter tree.
@@ -250,12 +262,11 @@ def solve_iso_active(
             f"{owner}: num_experts={num_experts!r} only applies to kind='molora' (MoE searches E)."
         )
     k = top_k if top_k is not None else DEFAULT_TOP_K[kind]
-    dims: dict[str, Any] = {}
     if kind == "dense":
         hidden = _floor(c_tot / (2 * d))
         if hidden < 1:
             raise ValueError(f"{owner}: total_params={total_params!r} gives dense hidden {hidden}.")
-        dims = {"dense_hidden": hidden}
+        dims: dict[str, int] = {"hidden_dim": hidden}
     else:
         check_positive_int(owner, "top_k", k)
         if active_params is None:
@@ -275,29 +286,24 @@ def solve_iso_active(
         solve = {"moe": _solve_moe, "dsc": _solve_dsc, "molora": _solve_molora}[kind]
         dims = solve(d, k, c_tot, c_act, min_hidden, max_experts, num_experts)
     overrides = dict(config_overrides or {})
-    clash = sorted(set(overrides) & {*dims, "ffn", "d_model", "num_layers", "num_heads"})
+    clash = sorted(set(overrides) & {"ffn", "d_model", "num_layers", "num_heads"})
     if clash:
         raise ValueError(f"{owner}: config_overrides may not set solved/explicit fields {clash}.")
+    ffn = FFN_CONFIGS[kind](**dims, **dict(ffn_overrides or {}))
     cfg = GPTConfig(
         vocab_size=vocab_size,
         max_seq_len=seq_len,
         num_layers=L,
         num_heads=num_heads,
         d_model=d,
-        ffn=kind,
+        ffn=ffn,
         tie_embeddings=tie_embeddings,
-        **dims,
         **overrides,
     )
     total, active = count_params(cfg)
     budget_total, budget_active = budget_ffn_params(cfg)
     return IsoActiveSolution(
-        kind=kind,
-        hidden=next(v for key, v in dims.items() if key.endswith(("hidden", "static_dim"))),
-        top_k=dims.get("moe_top_k", dims.get("dsc_top_k", dims.get("molora_top_k"))),
-        num_experts=dims.get("moe_num_experts", dims.get("molora_num_experts")),
-        num_bases=dims.get("dsc_num_bases"),
-        rank=dims.get("molora_rank"),
+        ffn=ffn,
         config=cfg,
         total_params=total,
         active_params=active,
@@ -325,7 +331,7 @@ def _solve_moe(
             f"per-layer active budget {float(c_act):.1f} (needs >= d·E + 2d·{min_hidden}·k)."
         )
     _, experts, hidden = best
-    return {"moe_num_experts": experts, "moe_top_k": k, "moe_hidden": hidden}
+    return {"num_experts": experts, "top_k": k, "hidden_dim": hidden}
 
 
 def _solve_dsc(
@@ -341,7 +347,7 @@ def _solve_dsc(
             f"solve_iso_active: DSC targets leave M={bases} atoms < top_k={k} (per-layer budgets "
             f"total {float(c_tot):.1f}, active {float(c_act):.1f}, static H={hidden})."
         )
-    return {"dsc_num_bases": bases, "dsc_top_k": k, "dsc_static_dim": hidden}
+    return {"num_bases": bases, "top_k": k, "hidden_dim": hidden}
 
 
 def _solve_molora(
@@ -365,9 +371,5 @@ def _solve_molora(
             f"solve_iso_active: MoLoRA targets leave rank {rank} < 1 (E={experts}, top_k={k}, "
             f"per-layer budgets total {float(c_tot):.1f}, active {float(c_act):.1f})."
         )
-    return {
-        "molora_num_experts": experts,
-        "molora_top_k": k,
-        "molora_rank": rank,
-        "molora_static_dim": hidden,
-    }
+    return {"num_experts": experts, "top_k": k, "rank": rank, "hidden_dim": hidden}
+

@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsc_jax import _checks, router
-from dsc_jax.dense import gelu_mlp
+from dsc_jax import _checks, paper
+from dsc_jax.layers import common, dsc_router
 
 VARIANTS = ("refined", "basic")
 COMPUTE_MODES = ("auto", "gather", "dense")
@@ -36,138 +36,125 @@ def resolve_compute(compute: str, num_bases: int, top_k: int) -> str:
     return "dense" if num_bases <= AUTO_DENSE_MAX_BASES_PER_ACTIVE * top_k else "gather"
 
 
-def _param_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
-    """Shape of an existing parameter of ``module`` (boxed or not), or None before init."""
-    if not module.has_variable("params", name):
-        return None
-    return tuple(nn.meta.unbox(module.get_variable("params", name)).shape)
-
-
-def _logical(init: Any, names: tuple[str, ...]) -> Any:
-    return nn.with_logical_partitioning(init, names)
-
-
 class DSCLayer(nn.Module):
     """Dynamic Subspace Composition FFN.
 
     Attributes:
       num_bases: ``M``, atoms in the shared bank.
       top_k: ``K``, active atoms per token (static, ``1 ≤ K ≤ M``).
-      static_dim: ``H``, hidden width of the static FFN.
+      hidden_dim: ``H``, hidden width of the static FFN.
       variant: ``"refined"`` (Algorithm 2: router LayerNorm, vector γ) or ``"basic"``
         (Algorithm 1: no LayerNorm, scalar γ).
       tau: logit clip ``τ``.
       eps: ``ε`` of the coefficient normalisation and the bank-row normalisation.
       gamma_init: initial value of γ.
       budget_target: ``μ`` of the budget regulariser.
-      dropout_rate: dropout on the output in training.
+      bank_init_scale: the raw bank rows start as ``bank_init_scale × orthogonal``. The
+        trainer's bank projection makes them unit at step 0 anyway; the reference code uses
+        0.02 and never re-projects (reproduce it with ``bank_projection="none"``).
       compute: ``"gather"``, ``"dense"`` or ``"auto"`` (see :func:`resolve_compute`).
-      dtype: compute dtype of the static FFN and the bank contraction. The router always
-        computes in float32.
-      param_dtype: dtype of the parameters.
-      init_std: std of the static FFN and router weights (spec: 0.02).
+      dropout_rate: dropout on the output when ``deterministic=False``.
+      init_std: std of ``mlp_in`` and the router kernel (spec: 0.02).
+      out_init_std: std of ``mlp_out``, the static FFN's output projection (spec §1: 0.02).
+      dtype: compute dtype of the static FFN and the bank contraction, and the output dtype.
+        The router always computes in float32.
+      param_dtype: dtype of the parameters (initialisers compute in float32, then cast).
 
-    Parameter tree (``params``): ``static_in/kernel [d,H]``, ``static_out/kernel [H,d]``,
+    Parameter tree (``params``): ``mlp_in/kernel [d,H]``, ``mlp_out/kernel [H,d]``,
     ``router_norm/scale [d]`` and ``router_norm/bias [d]`` (refined only), ``router/kernel [d,M]``,
     ``router/bias [M]``, ``basis_u [M,d]``, ``basis_v [M,d]``, ``gamma`` (``[d]`` refined,
     ``[]`` basic).
+
+    Sown (never at ``init``): ``intermediates/top_k_indices [..., K]`` int32,
+    ``intermediates/gates [..., K]`` (``ẑ``) and ``intermediates/signal [...]`` (``S``),
+    float32; ``losses/{aux, budget, frame, z}`` when ``"losses"`` is mutable.
     """
 
     num_bases: int
     top_k: int
-    static_dim: int
+    hidden_dim: int
     variant: str = "refined"
-    tau: float = 20.0
-    eps: float = 1e-6
-    gamma_init: float = 0.1
-    budget_target: float = 1.0
-    dropout_rate: float = 0.0
+    tau: float = paper.TAU
+    eps: float = paper.EPS
+    gamma_init: float = paper.GAMMA_INIT
+    budget_target: float = paper.BUDGET_TARGET
+    bank_init_scale: float = 1.0
     compute: str = "auto"
+    dropout_rate: float = 0.0
+    init_std: float = paper.INIT_STD
+    out_init_std: float = paper.INIT_STD
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    init_std: float = 0.02
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         _checks.check_positive_int(name, "num_bases", self.num_bases)
-        _checks.check_positive_int(name, "top_k", self.top_k)
-        if self.top_k > self.num_bases:
-            raise ValueError(
-                f"{name}.top_k={self.top_k} is invalid; expected 1 <= top_k <= num_bases "
-                f"(num_bases={self.num_bases})."
-            )
-        _checks.check_positive_int(name, "static_dim", self.static_dim)
+        common.check_top_k(name, self.top_k, "num_bases", self.num_bases)
+        common.check_common_fields(self)
         _checks.check_choice(name, "variant", self.variant, VARIANTS)
         _checks.check_choice(name, "compute", self.compute, COMPUTE_MODES)
-        _checks.check_positive_float(name, "tau", self.tau)
-        _checks.check_positive_float(name, "eps", self.eps)
+        _checks.check_finite_positive(name, "tau", self.tau)
+        _checks.check_finite_positive(name, "eps", self.eps)
         _checks.check_positive_float(name, "budget_target", self.budget_target, allow_zero=True)
-        _checks.check_probability(name, "dropout_rate", self.dropout_rate)
+        _checks.check_finite_positive(name, "bank_init_scale", self.bank_init_scale)
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Apply the layer.
 
         Args:
           x: ``[..., d]`` floating input.
-          deterministic: disables dropout when True.
+          deterministic: disables dropout when True (positional or keyword, so ``nn.remat``
+            can mark it static).
 
         Returns:
           ``[..., d]`` in ``dtype``.
         """
-        existing = _param_shape(self, "basis_u")
-        _checks.check_float_input(type(self).__name__, x, None if existing is None else existing[1])
+        _checks.check_float_input(
+            type(self).__name__, x, common.model_dim_of(self, ("basis_u",), axis=1)
+        )
         d_model = x.shape[-1]
         lead_shape = x.shape[:-1]
         x = x.reshape(-1, d_model)  # [N, d]
 
         # Static FFN f(x) = GELU(x W1) W2.
-        static_out = gelu_mlp(
-            x,
-            self.static_dim,
-            names=("static_in", "static_out"),
+        static_out = common.gelu_mlp(
+            x.astype(self.dtype),
+            self.hidden_dim,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            in_init_std=self.init_std,
-            out_init_std=self.init_std,
+            init_std=self.init_std,
+            out_init_std=self.out_init_std,
         )
 
         # Router, always float32.
-        dense_init = nn.initializers.normal(self.init_std)
         router_in = x.astype(jnp.float32)
         if self.variant == "refined":
-            router_in = nn.LayerNorm(
-                epsilon=1e-5,
-                dtype=jnp.float32,
-                param_dtype=self.param_dtype,
-                scale_init=_logical(nn.initializers.ones, ("embed",)),
-                bias_init=_logical(nn.initializers.zeros, ("embed",)),
-                name="router_norm",
-            )(router_in)
+            router_in = common.router_layer_norm(self.param_dtype)(router_in)
         raw_logits = nn.Dense(
             self.num_bases,
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
-            kernel_init=_logical(dense_init, ("embed", "bases")),
-            bias_init=_logical(nn.initializers.zeros, ("bases",)),
+            kernel_init=common.normal(self.init_std, ("embed", "bases")),
+            bias_init=common.logical(nn.initializers.zeros, ("bases",)),
             name="router",
         )(router_in)  # [N, M]
-        routing = router.route(raw_logits, self.top_k, self.tau, self.eps)
+        routing = dsc_router.route(raw_logits, self.top_k, self.tau, self.eps)
 
         # Bank, normalised in the forward pass too (imported banks stay valid).
-        bank_init = _logical(nn.initializers.orthogonal(), ("bases", "embed"))
+        bank_init = common.orthogonal(self.bank_init_scale, ("bases", "embed"))
         bank_shape = (self.num_bases, d_model)
         basis_u = self.param("basis_u", bank_init, bank_shape, self.param_dtype)
         basis_v = self.param("basis_v", bank_init, bank_shape, self.param_dtype)
-        unit_u = router.normalize_rows(basis_u, self.eps)
-        unit_v = router.normalize_rows(basis_v, self.eps)
+        unit_u = dsc_router.normalize_rows(basis_u, self.eps)
+        unit_v = dsc_router.normalize_rows(basis_v, self.eps)
         gamma_shape, gamma_names = (
             ((d_model,), ("embed",)) if self.variant == "refined" else ((), ())
         )
         gamma = self.param(
             "gamma",
-            _logical(nn.initializers.constant(self.gamma_init), gamma_names),
+            common.logical(nn.initializers.constant(self.gamma_init), gamma_names),
             gamma_shape,
             self.param_dtype,
         )
@@ -182,7 +169,7 @@ class DSCLayer(nn.Module):
 
     def _sow(
         self,
-        routing: router.RouterOutput,
+        routing: dsc_router.RouterOutput,
         raw_logits: jax.Array,
         unit_u: jax.Array,
         unit_v: jax.Array,
@@ -190,20 +177,20 @@ class DSCLayer(nn.Module):
     ) -> None:
         """Diagnostics into ``intermediates``; unweighted regularisers into mutable ``losses``."""
         self.sow("intermediates", "top_k_indices", routing.indices.reshape(*lead_shape, -1))
-        self.sow("intermediates", "coefficients", routing.coefficients.reshape(*lead_shape, -1))
+        self.sow("intermediates", "gates", routing.coefficients.reshape(*lead_shape, -1))
         self.sow("intermediates", "signal", routing.signal.reshape(lead_shape))
         if self.is_mutable_collection("losses"):
-            self.sow("losses", "aux", router.load_balance_loss(routing.clipped_logits))
-            self.sow("losses", "budget", router.budget_loss(routing.signal, self.budget_target))
-            self.sow("losses", "frame", router.frame_loss(unit_u, unit_v))
-            self.sow("losses", "z", router.z_loss(raw_logits))
+            self.sow("losses", "aux", dsc_router.aux_loss(routing.clipped_logits))
+            self.sow("losses", "budget", dsc_router.budget_loss(routing.signal, self.budget_target))
+            self.sow("losses", "frame", dsc_router.frame_loss(unit_u, unit_v))
+            self.sow("losses", "z", common.z_loss(raw_logits))
 
     def _contract(
         self,
         x: jax.Array,
         unit_u: jax.Array,
         unit_v: jax.Array,
-        routing: router.RouterOutput,
+        routing: dsc_router.RouterOutput,
     ) -> jax.Array:
         """``((x U_Iᵀ) ⊙ ẑ) V_I`` for ``x: [N, d]``, banks ``[M, d]``; returns ``[N, d]``."""
         x = x.astype(self.dtype)

@@ -22,71 +22,56 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsc_jax import paper
 from dsc_jax._checks import (
     check_choice,
-    check_positive_float,
     check_positive_int,
     check_probability,
 )
-from dsc_jax.dense import DenseFFN
-from dsc_jax.dsc import COMPUTE_MODES, VARIANTS, DSCLayer
-from dsc_jax.moe import DISPATCH_MODES, MoELayer
-from dsc_jax.molora import MoLoRALayer
+from dsc_jax.layers.common import normal
+from dsc_jax.layers.configs import FFN_KINDS, DSCConfig, FFNConfig, ffn_config
 
-FFN_KINDS = ("dense", "moe", "molora", "dsc")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-INIT_STD = 0.02
-LAYER_NORM_EPS = 1e-5
-
-
-def _normal(std: float, names: tuple[str, ...]) -> Any:
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     """Every hyper-parameter of :class:`GPT`; validated on construction.
 
-    Defaults are the paper's DSC model (d=384, L=6, 6 heads, T=256, V=50304, M=1523, K=4,
-    H=327). The per-kind fields default to the paper's iso-parameter baselines (dense H=2611;
-    MoE E=5, k=2, H=545) and to :func:`dsc_jax.solver.solve_iso_active`'s MoLoRA solution at
-    the same budgets (E=16, k=2, r=108, H=868). Only the fields of ``ffn`` are used.
+    Defaults are the paper's DSC model (d=384, L=6, 6 heads, T=256, V=50304; ``ffn`` =
+    ``DSCConfig()``: M=1523, K=4, H=327). The FFN is one per-kind config
+    (:class:`dsc_jax.DSCConfig`, :class:`dsc_jax.MoEConfig`, :class:`dsc_jax.MoLoRAConfig`,
+    :class:`dsc_jax.DenseConfig`), e.g. ``GPTConfig(ffn=MoEConfig(num_experts=8))``.
+
+    Attributes:
+      vocab_size, max_seq_len, num_layers, num_heads, d_model: the transformer.
+      dropout_rate: attention-probability and residual dropout (spec: 0.1).
+      embed_dropout: also drop out the embeddings (neither the spec nor the reference
+        does; off by default).
+      ffn: the FFN of every block.
+      tie_embeddings: the head reuses the token embedding (spec).
+      dtype: compute dtype name (``float32``, ``bfloat16``, ``float16``).
+      param_dtype: parameter dtype name (same choices).
+      scan_layers: run the blocks with ``nn.scan`` (one compiled block; parameters stacked
+        on a leading ``layers`` axis under ``blocks/``).
+      remat: rematerialise each block in the backward pass: ``"none"``, ``"full"``
+        (recompute everything) or ``"dots"`` (keep matmul outputs, recompute the rest).
     """
 
-    vocab_size: int = 50304
-    max_seq_len: int = 256
-    num_layers: int = 6
-    num_heads: int = 6
-    d_model: int = 384
-    dropout_rate: float = 0.1
-    ffn: str = "dsc"
+    vocab_size: int = paper.VOCAB_SIZE
+    max_seq_len: int = paper.SEQ_LEN
+    num_layers: int = paper.NUM_LAYERS
+    num_heads: int = paper.NUM_HEADS
+    d_model: int = paper.D_MODEL
+    dropout_rate: float = paper.DROPOUT_RATE
+    embed_dropout: bool = False
+    ffn: FFNConfig = dataclasses.field(default_factory=DSCConfig)
     tie_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
-    # dense
-    dense_hidden: int = 2611
-    # moe
-    moe_num_experts: int = 5
-    moe_top_k: int = 2
-    moe_hidden: int = 545
-    moe_dispatch: str = "dropless"
-    moe_capacity_factor: float = 1.25
-    moe_jitter_std: float = 0.01
-    # molora
-    molora_num_experts: int = 16
-    molora_rank: int = 108
-    molora_top_k: int = 2
-    molora_static_dim: int = 868
-    # dsc
-    dsc_num_bases: int = 1523
-    dsc_top_k: int = 4
-    dsc_static_dim: int = 327
-    dsc_variant: str = "refined"
-    dsc_compute: str = "auto"
-    dsc_tau: float = 20.0
-    dsc_eps: float = 1e-6
-    dsc_gamma_init: float = 0.1
-    dsc_budget_target: float = 1.0
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -98,41 +83,21 @@ class GPTConfig:
                 f"num_heads={self.num_heads!r}."
             )
         check_probability(owner, "dropout_rate", self.dropout_rate)
-        check_choice(owner, "ffn", self.ffn, FFN_KINDS)
-        check_choice(owner, "tie_embeddings", self.tie_embeddings, (True, False))
+        if getattr(self.ffn, "kind", None) not in FFN_KINDS:
+            raise ValueError(
+                f"{owner}.ffn={self.ffn!r} is invalid; expected a DenseConfig, MoEConfig, "
+                "MoLoRAConfig or DSCConfig."
+            )
+        for name in ("embed_dropout", "tie_embeddings", "scan_layers"):
+            check_choice(owner, name, getattr(self, name), (True, False))
         check_choice(owner, "dtype", self.dtype, tuple(DTYPES))
         check_choice(owner, "param_dtype", self.param_dtype, tuple(DTYPES))
-        for name in (
-            "dense_hidden",
-            "moe_num_experts",
-            "moe_hidden",
-            "molora_num_experts",
-            "molora_rank",
-            "molora_static_dim",
-            "dsc_num_bases",
-            "dsc_static_dim",
-        ):
-            check_positive_int(owner, name, getattr(self, name))
-        for top_k, pool in (
-            ("moe_top_k", "moe_num_experts"),
-            ("molora_top_k", "molora_num_experts"),
-            ("dsc_top_k", "dsc_num_bases"),
-        ):
-            check_positive_int(owner, top_k, getattr(self, top_k))
-            if getattr(self, top_k) > getattr(self, pool):
-                raise ValueError(
-                    f"{owner}.{top_k}={getattr(self, top_k)!r} is invalid; expected an integer "
-                    f"in [1, {pool}={getattr(self, pool)!r}]."
-                )
-        check_choice(owner, "moe_dispatch", self.moe_dispatch, DISPATCH_MODES)
-        check_positive_float(owner, "moe_capacity_factor", self.moe_capacity_factor)
-        check_positive_float(owner, "moe_jitter_std", self.moe_jitter_std, allow_zero=True)
-        check_choice(owner, "dsc_variant", self.dsc_variant, VARIANTS)
-        check_choice(owner, "dsc_compute", self.dsc_compute, COMPUTE_MODES)
-        for name in ("dsc_tau", "dsc_eps"):
-            check_positive_float(owner, name, getattr(self, name))
-        check_positive_float(owner, "dsc_gamma_init", self.dsc_gamma_init, allow_zero=True)
-        check_positive_float(owner, "dsc_budget_target", self.dsc_budget_target, allow_zero=True)
+        check_choice(owner, "remat", self.remat, REMAT_POLICIES)
+
+    @property
+    def ffn_kind(self) -> str:
+        """``"dense"``, ``"moe"``, ``"molora"`` or ``"dsc"``."""
+        return self.ffn.kind
 
     @property
     def compute_dtype(self) -> Any:
@@ -152,65 +117,44 @@ class GPTConfig:
     @property
     def residual_init_std(self) -> float:
         """Std of residual output projections, ``0.02 / sqrt(2 L)``."""
-        return INIT_STD / math.sqrt(2 * self.num_layers)
+        return paper.INIT_STD / math.sqrt(2 * self.num_layers)
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        """A validated copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict of every field."""
-        return dataclasses.asdict(self)
+        """Plain JSON-serialisable dict; ``ffn`` becomes ``{"kind": ..., **fields}``."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["ffn"] = {"kind": self.ffn.kind, **self.ffn.to_dict()}
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GPTConfig:
-        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
+        """Inverse of :meth:`to_dict` (``ffn`` may also be a config object); unknown keys
+        raise ``ValueError`` naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
                 f"GPTConfig: unknown field(s) {unknown}; expected a subset of {sorted(known)}."
             )
-        return cls(**dict(values))
+        values = dict(values)
+        ffn = values.get("ffn")
+        if isinstance(ffn, Mapping):
+            fields = dict(ffn)
+            values["ffn"] = ffn_config(fields.pop("kind", None), fields)
+        return cls(**values)
 
 
 def make_ffn(cfg: GPTConfig, name: str = "ffn") -> nn.Module:
-    """The FFN layer of kind ``cfg.ffn``; it applies the residual dropout to its output."""
-    common = dict(
+    """The FFN layer of ``cfg.ffn``; it applies the residual dropout to its output."""
+    return cfg.ffn.make(
         dropout_rate=cfg.dropout_rate,
+        out_init_std=cfg.residual_init_std,
         dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype,
         name=name,
-    )
-    if cfg.ffn == "dense":
-        return DenseFFN(cfg.dense_hidden, out_init_std=cfg.residual_init_std, **common)
-    if cfg.ffn == "moe":
-        return MoELayer(
-            num_experts=cfg.moe_num_experts,
-            top_k=cfg.moe_top_k,
-            expert_dim=cfg.moe_hidden,
-            dispatch=cfg.moe_dispatch,
-            capacity_factor=cfg.moe_capacity_factor,
-            jitter_std=cfg.moe_jitter_std,
-            out_init_std=cfg.residual_init_std,
-            **common,
-        )
-    if cfg.ffn == "molora":
-        return MoLoRALayer(
-            num_experts=cfg.molora_num_experts,
-            rank=cfg.molora_rank,
-            top_k=cfg.molora_top_k,
-            static_dim=cfg.molora_static_dim,
-            out_init_std=cfg.residual_init_std,
-            **common,
-        )
-    return DSCLayer(
-        num_bases=cfg.dsc_num_bases,
-        top_k=cfg.dsc_top_k,
-        static_dim=cfg.dsc_static_dim,
-        variant=cfg.dsc_variant,
-        tau=cfg.dsc_tau,
-        eps=cfg.dsc_eps,
-        gamma_init=cfg.dsc_gamma_init,
-        budget_target=cfg.dsc_budget_target,
-        compute=cfg.dsc_compute,
-        **common,
     )
 
 
@@ -223,7 +167,7 @@ def causal_mask(query_len: int, key_len: int, offset: int = 0) -> jax.Array:
 
 def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPS,
+        epsilon=paper.LAYER_NORM_EPS,
         dtype=jnp.float32,
         param_dtype=cfg.params_dtype,
         use_fast_variance=False,
@@ -254,7 +198,7 @@ class CausalSelfAttention(nn.Module):
             use_bias=False,
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
-            kernel_init=_normal(INIT_STD, ("embed", "heads", "kv")),
+            kernel_init=normal(paper.INIT_STD, ("embed", "heads", "kv")),
             name=name,
         )
 
@@ -301,7 +245,7 @@ class CausalSelfAttention(nn.Module):
             use_bias=False,
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
-            kernel_init=_normal(cfg.residual_init_std, ("heads", "kv", "embed")),
+            kernel_init=normal(cfg.residual_init_std, ("heads", "kv", "embed")),
             name="out",
         )(out)
         out = nn.Dropout(cfg.dropout_rate, name="resid_dropout")(out, deterministic=deterministic)
@@ -314,7 +258,7 @@ class Block(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """``x: [B, T, d]`` float32 residual stream -> same shape and dtype."""
         cfg = self.cfg
         h = _layer_norm(cfg, "ln_1")(x).astype(cfg.compute_dtype)
@@ -322,22 +266,66 @@ class Block(nn.Module):
             jnp.float32
         )
         h = _layer_norm(cfg, "ln_2")(x).astype(cfg.compute_dtype)
-        h = make_ffn(cfg)(h, deterministic=deterministic)
+        h = make_ffn(cfg)(h, deterministic)
         return x + h.astype(jnp.float32)
+
+
+class _ScannedBlock(Block):
+    """:class:`Block` with the ``(carry, xs) -> (carry, ys)`` signature ``nn.scan`` needs."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, None]:
+        return super().__call__(x, deterministic), None
+
+
+def remat_policy(name: str) -> Any:
+    """The ``jax.checkpoint`` policy of ``GPTConfig.remat`` (``None`` saves nothing)."""
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return None
+
+
+def apply_blocks(cfg: GPTConfig, x: jax.Array, deterministic: bool) -> jax.Array:
+    """Run the ``cfg.num_layers`` blocks on ``x: [B, T, d]``, unrolled (``block_{i}``) or with
+    ``nn.scan`` (``blocks``, parameters stacked on a leading ``layers`` axis), each optionally
+    under ``nn.remat``. Call inside a parent's ``@nn.compact`` method."""
+    block_cls: Any = _ScannedBlock if cfg.scan_layers else Block
+    if cfg.remat != "none":
+        block_cls = nn.remat(
+            block_cls,
+            static_argnums=(2,),
+            policy=remat_policy(cfg.remat),
+            prevent_cse=not cfg.scan_layers,
+        )
+    if not cfg.scan_layers:
+        for i in range(cfg.num_layers):
+            x = block_cls(cfg, name=f"block_{i}")(x, deterministic)
+        return x
+    scanned = nn.scan(
+        block_cls,
+        variable_axes={"params": 0, "losses": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = scanned(cfg, name="blocks")(x, deterministic)
+    return x
 
 
 class GPT(nn.Module):
     """Decoder-only transformer (spec §7).
 
     Parameter tree: ``wte/embedding [V, d]`` (``vocab, embed``), ``wpe/embedding [T_max, d]``
-    (``position, embed``), ``block_{i}/{ln_1, attn, ln_2, ffn}``, ``ln_f/{scale, bias}`` and,
+    (``position, embed``), ``block_{i}/{ln_1, attn, ln_2, ffn}`` (with ``scan_layers``:
+    ``blocks/{...}`` stacked on a leading ``layers`` axis), ``ln_f/{scale, bias}`` and,
     only when ``tie_embeddings=False``, ``lm_head/kernel [d, V]`` (``embed, vocab``).
     """
 
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """Next-token logits.
 
         Args:
@@ -367,7 +355,7 @@ class GPT(nn.Module):
             cfg.d_model,
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
-            embedding_init=_normal(INIT_STD, ("vocab", "embed")),
+            embedding_init=normal(paper.INIT_STD, ("vocab", "embed")),
             name="wte",
         )
         wpe = nn.Embed(
@@ -375,13 +363,13 @@ class GPT(nn.Module):
             cfg.d_model,
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
-            embedding_init=_normal(INIT_STD, ("position", "embed")),
+            embedding_init=normal(paper.INIT_STD, ("position", "embed")),
             name="wpe",
         )
         x = wte(tokens).astype(jnp.float32) + wpe(jnp.arange(seq_len)).astype(jnp.float32)
-        x = nn.Dropout(cfg.dropout_rate, name="embed_dropout")(x, deterministic=deterministic)
-        for i in range(cfg.num_layers):
-            x = Block(cfg, name=f"block_{i}")(x, deterministic=deterministic)
+        if cfg.embed_dropout:
+            x = nn.Dropout(cfg.dropout_rate, name="embed_dropout")(x, deterministic=deterministic)
+        x = apply_blocks(cfg, x, deterministic)
         h = _layer_norm(cfg, "ln_f")(x).astype(cfg.compute_dtype)
         if cfg.tie_embeddings:
             logits = wte.attend(h)
@@ -391,7 +379,7 @@ class GPT(nn.Module):
                 use_bias=False,
                 dtype=cfg.compute_dtype,
                 param_dtype=cfg.params_dtype,
-                kernel_init=_normal(INIT_STD, ("embed", "vocab")),
+                kernel_init=normal(paper.INIT_STD, ("embed", "vocab")),
                 name="lm_head",
             )(h)
         return logits.astype(jnp.float32)

@@ -22,45 +22,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsc_jax._checks import (
-    check_choice,
-    check_float_input,
-    check_positive_float,
-    check_positive_int,
-    check_probability,
+from dsc_jax import paper
+from dsc_jax._checks import check_choice, check_float_input, check_positive_float, check_positive_int
+from dsc_jax.layers.common import (
+    Dtype,
+    check_common_fields,
+    check_top_k,
+    load_balancing_loss,
+    model_dim_of,
+    normal,
+    router_layer_norm,
+    z_loss,
 )
-from dsc_jax.dense import INIT_STD, Dtype, model_dim_of
-from dsc_jax.router import z_loss
 
 DISPATCH_MODES = ("dense", "dropless", "capacity")
-ROUTER_NORM_EPS = 1e-5
-
-
-def check_top_k(owner: str, top_k: object, num_experts: object) -> None:
-    """Raise unless ``1 <= top_k <= num_experts`` (``num_experts`` already validated)."""
-    check_positive_int(owner, "top_k", top_k)
-    if top_k > num_experts:
-        raise ValueError(
-            f"{owner}.top_k={top_k!r} is invalid; expected an integer in "
-            f"[1, num_experts={num_experts!r}]."
-        )
-
-
-def load_balancing_loss(probs: jax.Array, top_k_indices: jax.Array) -> jax.Array:
-    """Switch/GShard auxiliary loss ``E / N² · Σ_e importance_e · load_e``.
-
-    Args:
-      probs: ``[N, E]`` router probabilities (``importance_e = Σ_tokens probs[:, e]``).
-      top_k_indices: ``[N, k]`` chosen experts (``load_e`` = number of assignments to ``e``).
-
-    Returns:
-      float32 scalar; equals ``k`` for a perfectly uniform router. Gradient flows through
-      ``probs`` only (the counts are piecewise constant).
-    """
-    num_tokens, num_experts = probs.shape
-    importance = jnp.sum(probs.astype(jnp.float32), axis=0)
-    load = jnp.sum(jax.nn.one_hot(top_k_indices, num_experts, dtype=jnp.float32), axis=(0, 1))
-    return num_experts / num_tokens**2 * jnp.sum(importance * load)
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -80,21 +55,22 @@ class MoELayer(nn.Module):
     Attributes:
       num_experts: ``E``.
       top_k: experts per token, ``1 <= k <= E``.
-      expert_dim: hidden width ``H_e`` of each expert.
+      hidden_dim: hidden width ``H_e`` of each expert.
       dispatch: ``"dense"``, ``"dropless"`` (default) or ``"capacity"``.
       capacity_factor: ``"capacity"`` mode only; ``C = ceil(capacity_factor · N · k / E)``.
       jitter_std: std of the Gaussian noise added to the router logits in training.
-      dropout_rate: dropout on the output in training.
+      dropout_rate: dropout on the output when ``deterministic=False``.
+      init_std: std of ``expert_in`` and the router kernel (spec: 0.02).
       out_init_std: std of ``expert_out`` (a GPT passes ``0.02 / sqrt(2 L)``).
       dtype: expert compute dtype and output dtype (the router always computes in float32).
-      param_dtype: storage dtype of every parameter.
+      param_dtype: storage dtype of every parameter (initialisers compute in float32).
 
-    Parameters (logical axes): ``router_norm/{scale,bias} [d]`` (``embed``), ``gate/kernel
+    Parameters (logical axes): ``router_norm/{scale,bias} [d]`` (``embed``), ``router/kernel
     [d, E]`` (``embed, experts``), ``expert_in [E, d, H]`` (``experts, embed, mlp``),
     ``expert_out [E, H, d]`` (``experts, mlp, embed``).
 
     Sown: ``losses/aux`` (:func:`load_balancing_loss`, on the jittered probabilities) and
-    ``losses/z`` (:func:`dsc_jax.router.z_loss` on the logits WITHOUT jitter) when ``"losses"``
+    ``losses/z`` (:func:`dsc_jax.layers.common.z_loss` on the logits WITHOUT jitter) when ``"losses"``
     is mutable; ``intermediates/top_k_indices [..., k]`` int32, ``intermediates/gates [..., k]``
     float32 and, in ``"capacity"`` mode, ``intermediates/dropped_fraction`` (fraction of the
     ``N·k`` token-slots dropped).
@@ -102,47 +78,36 @@ class MoELayer(nn.Module):
 
     num_experts: int
     top_k: int
-    expert_dim: int
+    hidden_dim: int
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
-    jitter_std: float = 0.01
+    jitter_std: float = paper.MOE_JITTER_STD
     dropout_rate: float = 0.0
-    out_init_std: float = INIT_STD
+    init_std: float = paper.INIT_STD
+    out_init_std: float = paper.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_positive_int(owner, "num_experts", self.num_experts)
-        check_top_k(owner, self.top_k, self.num_experts)
-        check_positive_int(owner, "expert_dim", self.expert_dim)
+        check_top_k(owner, self.top_k, "num_experts", self.num_experts)
+        check_common_fields(self)
         check_choice(owner, "dispatch", self.dispatch, DISPATCH_MODES)
         check_positive_float(owner, "capacity_factor", self.capacity_factor)
         check_positive_float(owner, "jitter_std", self.jitter_std, allow_zero=True)
-        check_probability(owner, "dropout_rate", self.dropout_rate)
-        check_positive_float(owner, "out_init_std", self.out_init_std, allow_zero=True)
         super().__post_init__()
 
     def _route(self, tokens: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array]:
         """Float32 router. ``tokens: [N, d]`` -> (clean ``logits [N, E]``, ``probs [N, E]``)."""
-        normed = nn.LayerNorm(
-            epsilon=ROUTER_NORM_EPS,
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            use_fast_variance=False,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="router_norm",
-        )(tokens.astype(jnp.float32))
+        normed = router_layer_norm(self.param_dtype)(tokens.astype(jnp.float32))
         logits = nn.Dense(
             self.num_experts,
             use_bias=False,
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(INIT_STD), ("embed", "experts")
-            ),
-            name="gate",
+            kernel_init=normal(self.init_std, ("embed", "experts")),
+            name="router",
         )(normed)
         noisy = logits
         if not deterministic and self.jitter_std > 0:
@@ -151,12 +116,13 @@ class MoELayer(nn.Module):
         return logits, jax.nn.softmax(noisy, axis=-1)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Route each token to ``top_k`` experts and combine their outputs.
 
         Args:
           x: ``[..., d]`` floating input.
-          deterministic: ``False`` enables router jitter and dropout (``"dropout"`` rng).
+          deterministic: ``False`` enables router jitter and dropout (``"dropout"`` rng);
+            positional or keyword.
 
         Returns:
           ``[..., d]`` in ``dtype``.
@@ -167,18 +133,14 @@ class MoELayer(nn.Module):
 
         w_in = self.param(
             "expert_in",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(INIT_STD), ("experts", "embed", "mlp")
-            ),
-            (num_experts, model_dim, self.expert_dim),
+            normal(self.init_std, ("experts", "embed", "mlp")),
+            (num_experts, model_dim, self.hidden_dim),
             self.param_dtype,
         )
         w_out = self.param(
             "expert_out",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(self.out_init_std), ("experts", "mlp", "embed")
-            ),
-            (num_experts, self.expert_dim, model_dim),
+            normal(self.out_init_std, ("experts", "mlp", "embed")),
+            (num_experts, self.hidden_dim, model_dim),
             self.param_dtype,
         )
 

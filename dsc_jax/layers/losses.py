@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dsc_jax import paper
 from dsc_jax._checks import check_positive_float
 
 TERM_NAMES = ("aux", "budget", "frame", "z")
@@ -26,10 +27,10 @@ TERM_NAMES = ("aux", "budget", "frame", "z")
 class LossWeights:
     """Weights ``λ`` of the regularisers (spec §3 defaults); each must be ``>= 0``."""
 
-    aux: float = 0.01
-    budget: float = 0.01
-    frame: float = 0.001
-    z: float = 1e-4
+    aux: float = paper.LOSS_WEIGHTS["aux"]
+    budget: float = paper.LOSS_WEIGHTS["budget"]
+    frame: float = paper.LOSS_WEIGHTS["frame"]
+    z: float = paper.LOSS_WEIGHTS["z"]
 
     def __post_init__(self) -> None:
         for name in TERM_NAMES:
@@ -88,19 +89,45 @@ def sum_loss_terms(losses: Mapping[str, Any] | None) -> dict[str, jax.Array]:
     return totals
 
 
+def _count_terms(losses: Mapping[str, Any] | None) -> int:
+    if not losses:
+        return 0
+    return sum(
+        _count_terms(value) if isinstance(value, Mapping) else len(jax.tree.leaves(value))
+        for value in losses.values()
+    )
+
+
 def regularization_loss(
-    losses: Mapping[str, Any] | None, weights: LossWeights | None = None
+    losses: Mapping[str, Any] | None,
+    weights: LossWeights | None = None,
+    *,
+    allow_empty: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted regulariser total ``Σ_terms λ_term · Σ_layers L_term``.
 
     Args:
       losses: the sown ``"losses"`` collection of a whole model (see :func:`sum_loss_terms`).
       weights: the ``λ`` per term; :class:`LossWeights` defaults when ``None``.
+      allow_empty: return zeros for a collection with no regulariser term. By default that
+        raises: it is what a model gets when ``"losses"`` was not mutable, or when
+        ``nn.scan`` dropped the collection (``variable_axes`` without ``"losses"``). Pass
+        ``True`` for models that have no routed layer (a dense GPT).
 
     Returns:
       ``(total, terms)``: a float32 scalar and ``{"aux", "budget", "frame", "z"}`` -> weighted
       float32 scalars (zero for terms the model's layers do not produce).
+
+    Raises:
+      ValueError: an empty collection without ``allow_empty``, or an unknown term name.
     """
+    if not allow_empty and _count_terms(losses) == 0:
+        raise ValueError(
+            "regularization_loss: the 'losses' collection holds no regulariser term "
+            f"(got {losses!r}). Apply the model with mutable=['losses'] and deterministic="
+            "False; under nn.scan add 'losses' to variable_axes (e.g. {'params': 0, "
+            "'losses': 0}). For a model without routed layers pass allow_empty=True."
+        )
     weights = LossWeights() if weights is None else weights
     lambdas = weights.as_dict()
     terms = {name: lambdas[name] * value for name, value in sum_loss_terms(losses).items()}

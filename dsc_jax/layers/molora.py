@@ -17,15 +17,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsc_jax._checks import (
-    check_float_input,
-    check_positive_float,
-    check_positive_int,
-    check_probability,
+from dsc_jax import paper
+from dsc_jax._checks import check_float_input, check_positive_int
+from dsc_jax.layers.common import (
+    Dtype,
+    check_common_fields,
+    check_top_k,
+    gelu_mlp,
+    load_balancing_loss,
+    logical,
+    model_dim_of,
+    normal,
+    z_loss,
 )
-from dsc_jax.dense import INIT_STD, Dtype, gelu_mlp, model_dim_of
-from dsc_jax.moe import check_top_k, load_balancing_loss
-from dsc_jax.router import z_loss
 
 
 class MoLoRALayer(nn.Module):
@@ -35,20 +39,21 @@ class MoLoRALayer(nn.Module):
       num_experts: ``E``, number of LoRA experts.
       rank: ``r``, rank of each expert.
       top_k: experts per token, ``1 <= k <= E``.
-      static_dim: hidden width ``H`` of the static FFN.
-      dropout_rate: dropout on the output in training.
-      out_init_std: std of ``static_out`` (a GPT passes ``0.02 / sqrt(2 L)``).
+      hidden_dim: hidden width ``H`` of the static FFN.
+      dropout_rate: dropout on the output when ``deterministic=False``.
+      init_std: std of ``mlp_in``, the router kernel and ``lora_a`` (spec: 0.02).
+      out_init_std: std of ``mlp_out`` (a GPT passes ``0.02 / sqrt(2 L)``).
       dtype: compute dtype of the FFN and the experts; output dtype (router: float32).
-      param_dtype: storage dtype of every parameter.
+      param_dtype: storage dtype of every parameter (initialisers compute in float32).
 
-    Parameters (logical axes): ``static_in/kernel [d, H]`` (``embed, mlp``),
-    ``static_out/kernel [H, d]`` (``mlp, embed``), ``router/kernel [d, E]``
+    Parameters (logical axes): ``mlp_in/kernel [d, H]`` (``embed, mlp``),
+    ``mlp_out/kernel [H, d]`` (``mlp, embed``), ``router/kernel [d, E]``
     (``embed, experts``), ``router/bias [E]`` (``experts``), ``lora_a [E, d, r]``
     (``experts, embed, rank``, normal(0.02)), ``lora_b [E, r, d]`` (``experts, rank, embed``,
     zeros).
 
-    Sown: ``losses/aux`` (:func:`dsc_jax.moe.load_balancing_loss` with ``p = softmax`` over all
-    ``E`` logits) and ``losses/z`` (:func:`dsc_jax.router.z_loss`) when ``"losses"`` is
+    Sown: ``losses/aux`` (:func:`dsc_jax.layers.common.load_balancing_loss` with
+    ``p = softmax`` over all ``E`` logits) and ``losses/z`` (:func:`dsc_jax.layers.common.z_loss`) when ``"losses"`` is
     mutable; ``intermediates/top_k_indices [..., k]`` int32 and ``intermediates/gates
     [..., k]`` float32.
     """
@@ -56,9 +61,10 @@ class MoLoRALayer(nn.Module):
     num_experts: int
     rank: int
     top_k: int
-    static_dim: int
+    hidden_dim: int
     dropout_rate: float = 0.0
-    out_init_std: float = INIT_STD
+    init_std: float = paper.INIT_STD
+    out_init_std: float = paper.INIT_STD
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -66,14 +72,12 @@ class MoLoRALayer(nn.Module):
         owner = type(self).__name__
         check_positive_int(owner, "num_experts", self.num_experts)
         check_positive_int(owner, "rank", self.rank)
-        check_top_k(owner, self.top_k, self.num_experts)
-        check_positive_int(owner, "static_dim", self.static_dim)
-        check_probability(owner, "dropout_rate", self.dropout_rate)
-        check_positive_float(owner, "out_init_std", self.out_init_std, allow_zero=True)
+        check_top_k(owner, self.top_k, "num_experts", self.num_experts)
+        check_common_fields(self)
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Apply the static FFN and the routed LoRA update.
 
         Args:
@@ -89,15 +93,13 @@ class MoLoRALayer(nn.Module):
 
         lora_a = self.param(
             "lora_a",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(INIT_STD), ("experts", "embed", "rank")
-            ),
+            normal(self.init_std, ("experts", "embed", "rank")),
             (num_experts, model_dim, self.rank),
             self.param_dtype,
         )
         lora_b = self.param(
             "lora_b",
-            nn.with_logical_partitioning(nn.initializers.zeros, ("experts", "rank", "embed")),
+            logical(nn.initializers.zeros, ("experts", "rank", "embed")),
             (num_experts, self.rank, model_dim),
             self.param_dtype,
         )
@@ -108,10 +110,8 @@ class MoLoRALayer(nn.Module):
             use_bias=True,
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(INIT_STD), ("embed", "experts")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("experts",)),
+            kernel_init=normal(self.init_std, ("embed", "experts")),
+            bias_init=logical(nn.initializers.zeros, ("experts",)),
             name="router",
         )(tokens.astype(jnp.float32))  # [N, E]
         top_logits, indices = jax.lax.top_k(logits, top_k)
@@ -128,10 +128,10 @@ class MoLoRALayer(nn.Module):
         tokens = tokens.astype(self.dtype)
         y = gelu_mlp(
             tokens,
-            self.static_dim,
-            names=("static_in", "static_out"),
+            self.hidden_dim,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            init_std=self.init_std,
             out_init_std=self.out_init_std,
         )
 

@@ -1,7 +1,8 @@
 """DSC router math and regularisers (spec §2 steps 2-6 and §3), all in float32.
 
 This is the one place where the routing equations live; every compute path of
-:class:`dsc_jax.DSCLayer` calls it.
+:class:`dsc_jax.DSCLayer` (Linen and NNX) calls it. The z-loss, shared with the MoE
+baselines, is :func:`dsc_jax.layers.common.z_loss`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def normalize_rows(bank: jax.Array, eps: float) -> jax.Array:
     return (bank32 / jnp.maximum(norms, eps)).astype(bank.dtype)
 
 
-def load_balance_loss(clipped_logits: jax.Array) -> jax.Array:
+def aux_loss(clipped_logits: jax.Array) -> jax.Array:
     """``L_aux = M · Σ_j P_j²`` with ``P = mean_tokens softmax(r)``. ``clipped_logits: [N, M]``."""
     num_bases = clipped_logits.shape[-1]
     probs = jax.nn.softmax(clipped_logits.astype(jnp.float32), axis=-1)
@@ -81,9 +82,3 @@ def _off_diagonal_gram_energy(bank: jax.Array) -> jax.Array:
 def frame_loss(basis_u: jax.Array, basis_v: jax.Array) -> jax.Array:
     """``L_frame = Σ_{i≠j}(u_i·u_j)² + Σ_{i≠j}(v_i·v_j)²`` on normalised banks ``[M, d]``."""
     return _off_diagonal_gram_energy(basis_u) + _off_diagonal_gram_energy(basis_v)
-
-
-def z_loss(raw_logits: jax.Array) -> jax.Array:
-    """``L_z = mean_tokens (logsumexp_j r_raw)²`` on the unclipped logits ``[..., M]``."""
-    lse = jax.nn.logsumexp(raw_logits.astype(jnp.float32), axis=-1)
-    return jnp.mean(jnp.square(lse))
