@@ -1,7 +1,7 @@
 """Per-layer FFN latency: DSC vs MoE vs MoLoRA vs Dense, each against a same-FLOPs GEMM.
 
 At the paper's configuration (input ``16×256×384``; spec §6/§9 sizes, taken from the
-:class:`dsc_jax.gpt.GPTConfig` defaults) this times, for every implementation, the median
+:mod:`dsc_jax.layers.configs` defaults) this times, for every implementation, the median
 forward and forward+backward latency of one jit-compiled layer, and the same for a
 "GEMM-equivalent": one ``[N, d] × [d, F / (2 N d)]`` matmul whose FLOPs ``F`` equal the forward
 matmul FLOPs the implementation executes (formulas in :func:`build_implementations`). The
@@ -56,9 +56,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from dsc_jax.layers.configs import FFN_CONFIGS  # noqa: E402
 from dsc_jax.layers.dense import DenseFFN  # noqa: E402
 from dsc_jax.layers.dsc import AUTO_DENSE_MAX_BASES_PER_ACTIVE, DSCLayer, resolve_compute  # noqa: E402
-from dsc_jax.models.gpt import GPTConfig  # noqa: E402
 from dsc_jax.layers.losses import LossWeights, regularization_loss  # noqa: E402
 from dsc_jax.layers.moe import MoELayer, expert_capacity  # noqa: E402
 from dsc_jax.layers.molora import MoLoRALayer  # noqa: E402
@@ -86,26 +86,30 @@ DEFAULT_OUT = _REPO_ROOT / "benchmarks" / "results" / "layer_latency.json"
 class LayerSizes:
     """FFN sizes of every layer kind (defaults: :class:`GPTConfig`'s paper/iso-active ones)."""
 
-    dense_hidden: int
+    dense_hidden_dim: int
     moe_num_experts: int
     moe_top_k: int
-    moe_hidden: int
+    moe_hidden_dim: int
     moe_capacity_factor: float
     molora_num_experts: int
     molora_rank: int
     molora_top_k: int
-    molora_static_dim: int
+    molora_hidden_dim: int
     dsc_num_bases: int
     dsc_top_k: int
-    dsc_static_dim: int
+    dsc_hidden_dim: int
     dsc_variant: str
 
     @classmethod
     def paper(cls) -> LayerSizes:
         """Dense H=2611; MoE E=5, k=2, H_e=545; DSC M=1523, K=4, H=327 (refined); MoLoRA from
-        :func:`dsc_jax.solver.solve_iso_active` at the same 35 M / 28 M budgets."""
-        cfg = GPTConfig()
-        return cls(**{field.name: getattr(cfg, field.name) for field in dataclasses.fields(cls)})
+        :func:`dsc_jax.solve_iso_active` at the same 35 M / 28 M budgets."""
+        defaults = {
+            f"{kind}_{name}": value
+            for kind, ffn in FFN_CONFIGS.items()
+            for name, value in ffn().to_dict().items()
+        }
+        return cls(**{field.name: defaults[field.name] for field in dataclasses.fields(cls)})
 
     def replace(self, assignments: Sequence[str]) -> LayerSizes:
         """Copy with ``"field=value"`` overrides (value parsed as the field's type)."""
@@ -166,13 +170,13 @@ def build_implementations(
     common = {"dtype": dtype, "param_dtype": param_dtype}
     impls: dict[str, Implementation] = {}
 
-    h = sizes.dense_hidden
+    h = sizes.dense_hidden_dim
     flops = 4 * n * d * h
     impls["dense"] = Implementation(
         "dense", DenseFFN(hidden_dim=h, **common), flops, flops, "4·N·d·H"
     )
 
-    m, k, h = sizes.dsc_num_bases, sizes.dsc_top_k, sizes.dsc_static_dim
+    m, k, h = sizes.dsc_num_bases, sizes.dsc_top_k, sizes.dsc_hidden_dim
     base = 4 * n * d * h + 2 * n * d * m
     for mode, contraction, text in (
         ("gather", 4 * n * k * d, "4·N·d·H + 2·N·d·M + 4·N·K·d"),
@@ -190,7 +194,7 @@ def build_implementations(
             f"dsc_{mode}", layer, base + contraction, base + 4 * n * k * d, text
         )
 
-    e, k, h = sizes.moe_num_experts, sizes.moe_top_k, sizes.moe_hidden
+    e, k, h = sizes.moe_num_experts, sizes.moe_top_k, sizes.moe_hidden_dim
     capacity = expert_capacity(sizes.moe_capacity_factor, n, k, e)
     gate = 2 * n * d * e
     active = gate + 4 * n * k * d * h + 2 * n * k * d
@@ -221,7 +225,7 @@ def build_implementations(
         sizes.molora_num_experts,
         sizes.molora_top_k,
         sizes.molora_rank,
-        sizes.molora_static_dim,
+        sizes.molora_hidden_dim,
     )
     base = 4 * n * d * h + 2 * n * d * e
     layer = MoLoRALayer(num_experts=e, rank=r, top_k=k, hidden_dim=h, **common)

@@ -18,8 +18,8 @@ unit rows when the optimiser is chained with :func:`bank_retraction`::
 
 ``optax.projections.projection_l2_sphere`` projects a whole pytree onto one sphere and
 divides by a zero norm; the bank needs each row on its own sphere with the spec's
-``max(ε, ‖û‖)`` guard, so the row-wise math lives in :func:`dsc_jax.layers.dsc_router.normalize_rows`
-(the same function the forward pass uses).
+``max(ε, ‖û‖)`` guard, so the row-wise math is
+:func:`dsc_jax.layers.dsc_router.normalize_rows` (the same function the forward pass uses).
 """
 
 from __future__ import annotations

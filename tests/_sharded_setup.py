@@ -19,8 +19,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsc_jax import sharding as sh
-from dsc_jax.models.gpt import GPT, GPTConfig
+from dsc_jax.layers.configs import DSCConfig
 from dsc_jax.layers.losses import LossWeights
+from dsc_jax.models.gpt import GPT, GPTConfig
 from dsc_jax.train.optim import default_optim_config, make_optimizer
 from dsc_jax.train.state import create_train_state
 from dsc_jax.train.steps import train_step
@@ -28,7 +29,7 @@ from dsc_jax.train.steps import train_step
 GLOBAL_BATCH, SEQ_LEN, STEPS = 8, 8, 3
 CONFIG = GPTConfig(
     vocab_size=64, max_seq_len=SEQ_LEN, num_layers=1, num_heads=2, d_model=16,
-    dsc_num_bases=8, dsc_top_k=2, dsc_hidden_dim=8, dropout_rate=0.1,
+    ffn=DSCConfig(num_bases=8, top_k=2, hidden_dim=8), dropout_rate=0.1,
 )  # fmt: skip
 
 

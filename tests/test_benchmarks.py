@@ -32,9 +32,9 @@ TINY = [
     "--d_model=16",
     "--iters=2",
     "--warmup=1",
-    "--set=dense_hidden=64",
+    "--set=dense_hidden_dim=64",
     "--set=moe_num_experts=4",
-    "--set=moe_hidden=16",
+    "--set=moe_hidden_dim=16",
     "--set=molora_num_experts=4",
     "--set=molora_rank=4",
     "--set=molora_hidden_dim=32",
@@ -106,7 +106,7 @@ def test_select_and_sizes() -> None:
     with pytest.raises(ValueError, match="matches no implementation"):
         bench.select("nope")
     paper = bench.LayerSizes.paper()
-    assert (paper.dsc_num_bases, paper.dsc_top_k, paper.dsc_static_dim) == (1523, 4, 327)
+    assert (paper.dsc_num_bases, paper.dsc_top_k, paper.dsc_hidden_dim) == (1523, 4, 327)
     assert (paper.moe_num_experts, paper.moe_top_k, paper.moe_hidden) == (5, 2, 545)
     assert paper.dense_hidden == 2611
     assert paper.replace(["dsc_num_bases=64"]).dsc_num_bases == 64
@@ -117,7 +117,7 @@ def test_select_and_sizes() -> None:
 def test_with_losses_training_path() -> None:
     bench = _load_module()
     sizes = bench.LayerSizes.paper().replace(
-        ["dense_hidden=32", "dsc_num_bases=16", "dsc_hidden_dim=16"]
+        ["dense_hidden_dim=32", "dsc_num_bases=16", "dsc_hidden_dim=16"]
     )
     report = bench.run_benchmark(
         batch=2,

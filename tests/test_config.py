@@ -42,9 +42,13 @@ def _set(config, dotted: str, value) -> None:
         ("optim.warmup_steps", 5000, "optim.warmup_steps=5000 is invalid"),
         ("optim.min_learning_rate", 1.0, "optim.min_learning_rate=1.0 is invalid"),
         ("optim.b2", 1.0, "optim.b2=1.0 is invalid"),
-        ("model.ffn", "mlp", "GPTConfig.ffn='mlp' is not allowed"),
+        ("model.ffn", "mlp", "model.ffn='mlp' is not allowed"),
         ("model.max_seq_len", 16, "model.max_seq_len=16 is invalid"),
-        ("model.dsc_top_k", 5000, "GPTConfig.dsc_top_k=5000 is invalid"),
+        ("model.dsc.top_k", 5000, "model.dsc: DSCLayer.top_k=5000 is invalid"),
+        ("model.dsc.tau", float("inf"), "model.dsc: DSCLayer.tau=inf is invalid"),
+        ("model.moe.dispatch", "x", "model.moe: MoELayer.dispatch='x' is not allowed"),
+        ("model.dtype", "int8", "GPTConfig.dtype='int8' is not allowed"),
+        ("optim.decay_gamma", "no", "optim.decay_gamma='no' is not allowed"),
         ("losses.frame", -1.0, "LossWeights.frame=-1.0 is invalid"),
         ("data.source", "imagenet", "data.source='imagenet' is not allowed"),
         ("mesh.shape", (2, -1, -1), "mesh.shape=(2, -1, -1) is invalid"),
@@ -100,8 +104,9 @@ def test_paper_configs_are_spec_section_7():
         assert (d.max_chars, d.calc_prob, d.min_line_chars, d.train_fraction) == (
             20_000_000, 0.15, 10, 0.9,
         )  # fmt: skip
-    dsc = load_config("paper_dsc").model
-    assert (dsc.dsc_num_bases, dsc.dsc_top_k, dsc.dsc_static_dim) == (1523, 4, 327)
-    moe = load_config("paper_moe").model
-    assert (moe.moe_num_experts, moe.moe_top_k, moe.moe_hidden) == (5, 2, 545)
-    assert load_config("paper_dense").model.dense_hidden == 2611
+    dsc = model_config(load_config("paper_dsc"), 50304).ffn
+    assert (dsc.kind, dsc.num_bases, dsc.top_k, dsc.hidden_dim) == ("dsc", 1523, 4, 327)
+    moe = model_config(load_config("paper_moe"), 50304).ffn
+    assert (moe.kind, moe.num_experts, moe.top_k, moe.hidden_dim) == ("moe", 5, 2, 545)
+    dense = model_config(load_config("paper_dense"), 50304).ffn
+    assert (dense.kind, dense.hidden_dim) == ("dense", 2611)

@@ -55,9 +55,15 @@ def test_param_tree_shapes_logical_axes_and_init():
     x = inputs()
     variables = jax.jit(make().init)(rng_key(0), x)
     specs = nn.get_partition_spec(variables)["params"]
-    assert specs == {"mlp_in": {"kernel": P("embed", "mlp")}, "mlp_out": {"kernel": P("mlp", "embed")}}
+    assert specs == {
+        "mlp_in": {"kernel": P("embed", "mlp")},
+        "mlp_out": {"kernel": P("mlp", "embed")},
+    }
     params = nn.unbox(variables["params"])
-    assert jax.tree.map(jnp.shape, params) == {"mlp_in": {"kernel": (D, H)}, "mlp_out": {"kernel": (H, D)}}
+    assert jax.tree.map(jnp.shape, params) == {
+        "mlp_in": {"kernel": (D, H)},
+        "mlp_out": {"kernel": (H, D)},
+    }
     # 512 samples each: the sample std is within ~10% of the target with overwhelming odds.
     np.testing.assert_allclose(np.std(params["mlp_in"]["kernel"]), 0.02, rtol=0.15)
     np.testing.assert_allclose(np.std(params["mlp_out"]["kernel"]), 0.1, rtol=0.15)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import chex
 import flax.linen as nn
@@ -13,24 +14,17 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig
 from dsc_jax.models.gpt import GPT, GPTConfig, causal_mask
 
 KINDS = ("dense", "moe", "molora", "dsc")
-TINY = dict(
-    vocab_size=64,
-    max_seq_len=16,
-    num_layers=2,
-    num_heads=2,
-    d_model=32,
-    dense_hidden=64,
-    moe_num_experts=4,
-    moe_hidden=16,
-    molora_num_experts=4,
-    molora_rank=4,
-    molora_hidden_dim=32,
-    dsc_num_bases=16,
-    dsc_hidden_dim=32,
-)
+TINY = dict(vocab_size=64, max_seq_len=16, num_layers=2, num_heads=2, d_model=32)
+TINY_FFN = {
+    "dense": DenseConfig(hidden_dim=64),
+    "moe": MoEConfig(num_experts=4, hidden_dim=16),
+    "molora": MoLoRAConfig(num_experts=4, rank=4, hidden_dim=32),
+    "dsc": DSCConfig(num_bases=16, hidden_dim=32),
+}
 
 
 # Tiny graphs: skip XLA's backend optimisations, compile time dominates (numerics unchanged).
@@ -38,8 +32,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
-def tiny_config(ffn: str, **overrides) -> GPTConfig:
-    return GPTConfig(**{**TINY, "ffn": ffn, **overrides})
+def tiny_config(ffn: str, ffn_fields: dict | None = None, **overrides) -> GPTConfig:
+    ffn_config = TINY_FFN[ffn].replace(**(ffn_fields or {}))
+    return GPTConfig(**{**TINY, "ffn": ffn_config, **overrides})
 
 
 def random_tokens(seed: int, batch: int = 2, seq_len: int = 16, vocab: int = 64) -> jax.Array:
@@ -127,8 +122,7 @@ def test_init_standard_deviations():
         num_layers=2,
         num_heads=4,
         d_model=128,
-        ffn="dense",
-        dense_hidden=128,
+        ffn=DenseConfig(hidden_dim=128),
     )
     tokens = jnp.zeros((1, 8), jnp.int32)
     params = nn.unbox(fast_jit(GPT(cfg).init)(jax.random.key(0), tokens)["params"])
@@ -204,32 +198,49 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"ffn": "conv"}, "ffn"),
-        ({"d_model": 33}, "d_model"),
-        ({"num_layers": 0}, "num_layers"),
-        ({"dropout_rate": 1.0}, "dropout_rate"),
-        ({"dtype": "float16"}, "dtype"),
-        ({"param_dtype": jnp.float32}, "param_dtype"),
-        ({"dsc_top_k": 17}, "dsc_top_k"),
-        ({"moe_top_k": 0}, "moe_top_k"),
-        ({"moe_dispatch": "sparse"}, "moe_dispatch"),
-        ({"dsc_variant": "fancy"}, "dsc_variant"),
-        ({"dsc_tau": 0.0}, "dsc_tau"),
-        ({"molora_rank": 2.5}, "molora_rank"),
-        ({"tie_embeddings": "yes"}, "tie_embeddings"),
+        ({"ffn": "conv"}, "GPTConfig.ffn="),
+        ({"d_model": 33}, "GPTConfig.d_model="),
+        ({"num_layers": 0}, "GPTConfig.num_layers="),
+        ({"dropout_rate": 1.0}, "GPTConfig.dropout_rate="),
+        ({"dtype": "float64"}, "GPTConfig.dtype="),
+        ({"param_dtype": jnp.float32}, "GPTConfig.param_dtype="),
+        ({"remat": "some"}, "GPTConfig.remat="),
+        ({"tie_embeddings": "yes"}, "GPTConfig.tie_embeddings="),
     ],
 )
 def test_bad_config_raises_naming_field(overrides, field):
-    with pytest.raises(ValueError, match=f"GPTConfig.{field}="):
-        GPTConfig(**{**TINY, "ffn": "dense", **overrides})
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**{**TINY, "ffn": TINY_FFN["dense"], **overrides})
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: DSCConfig(num_bases=16, top_k=17), "DSCLayer.top_k=17"),
+        (lambda: MoEConfig(top_k=0), "MoELayer.top_k=0"),
+        (lambda: MoEConfig(dispatch="sparse"), "MoELayer.dispatch='sparse'"),
+        (lambda: DSCConfig(variant="fancy"), "DSCLayer.variant='fancy'"),
+        (lambda: DSCConfig(tau=0.0), "DSCLayer.tau=0.0"),
+        (lambda: DSCConfig(tau=float("inf")), "DSCLayer.tau=inf"),
+        (lambda: MoLoRAConfig(rank=2.5), "MoLoRALayer.rank=2.5"),
+        (lambda: DenseConfig(hidden_dim=0), "DenseFFN.hidden_dim=0"),
+    ],
+)
+def test_bad_ffn_config_raises_naming_field(make, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        make()
 
 
 def test_config_dict_round_trip():
-    cfg = tiny_config("moe", moe_dispatch="capacity")
+    cfg = tiny_config("moe", {"dispatch": "capacity"})
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["ffn"]["kind"] == "moe"
     with pytest.raises(ValueError, match="unknown field"):
         GPTConfig.from_dict({**cfg.to_dict(), "n_embd": 3})
-    assert GPTConfig().dsc_num_bases == 1523 and GPTConfig().moe_hidden == 545
+    with pytest.raises(ValueError, match="MoEConfig: unknown field"):
+        GPTConfig.from_dict({**cfg.to_dict(), "ffn": {"kind": "moe", "num_bases": 3}})
+    assert GPTConfig().ffn == DSCConfig(num_bases=1523, top_k=4, hidden_dim=327)
+    assert MoEConfig().hidden_dim == 545
 
 
 def test_causal_mask_with_offset():

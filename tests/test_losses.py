@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsc_jax.models.gpt import GPT, GPTConfig
+from dsc_jax.layers.configs import DSCConfig, MoEConfig
 from dsc_jax.layers.losses import (
     TERM_NAMES,
     LossWeights,
@@ -19,6 +19,7 @@ from dsc_jax.layers.losses import (
     regularization_loss,
     sum_loss_terms,
 )
+from dsc_jax.models.gpt import GPT, GPTConfig
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -64,8 +65,10 @@ def test_regularization_loss_on_hand_built_tree():
 
 
 def test_regularization_loss_empty_and_unknown():
-    for empty in (None, {}):
-        total, terms = regularization_loss(empty)
+    for empty in (None, {}, {"block_0": {"ffn": {}}}):
+        with pytest.raises(ValueError, match="holds no regulariser term"):
+            regularization_loss(empty)
+        total, terms = regularization_loss(empty, allow_empty=True)
         assert float(total) == 0.0
         assert {name: float(v) for name, v in terms.items()} == dict.fromkeys(TERM_NAMES, 0.0)
     with pytest.raises(ValueError, match=r"'entropy'.*block_0/ffn/entropy"):
@@ -82,11 +85,10 @@ def test_weighted_total_of_a_gpt_equals_hand_sum(kind):
         num_layers=2,
         num_heads=2,
         d_model=32,
-        ffn=kind,
-        moe_num_experts=4,
-        moe_hidden=16,
-        dsc_num_bases=16,
-        dsc_hidden_dim=32,
+        ffn={
+            "moe": MoEConfig(num_experts=4, hidden_dim=16),
+            "dsc": DSCConfig(num_bases=16, hidden_dim=32),
+        }[kind],
     )
     model = GPT(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 64, jnp.int32)

@@ -27,7 +27,7 @@ def rng_key(seed: int) -> jax.Array:
 
 
 def make(**overrides) -> MoLoRALayer:
-    config = {"num_experts": E, "rank": R, "top_k": K, "static_dim": H, "out_init_std": 0.1}
+    config = {"num_experts": E, "rank": R, "top_k": K, "hidden_dim": H, "out_init_std": 0.1}
     return MoLoRALayer(**{**config, **overrides})
 
 
@@ -188,7 +188,7 @@ def test_dropout_bf16_and_gradients():
         ({"rank": 0}, "rank"),
         ({"top_k": 0}, "top_k"),
         ({"top_k": E + 1}, "top_k"),
-        ({"static_dim": 0}, "static_dim"),
+        ({"hidden_dim": 0}, "hidden_dim"),
         ({"dropout_rate": 1.5}, "dropout_rate"),
         ({"out_init_std": -0.02}, "out_init_std"),
     ],

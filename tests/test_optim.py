@@ -3,19 +3,22 @@ schedule shape. Toy parameter trees, no model."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
-from dsc_jax.train.optim import default_optim_config, lr_schedule, make_optimizer, param_groups
+from dsc_jax import GPT, DenseConfig, DSCConfig, GPTConfig, MoEConfig, MoLoRAConfig, param_labels
+from dsc_jax.train.optim import default_optim_config, lr_schedule, make_optimizer
 
 STEPS = 12
 
 
 def toy_params() -> dict:
-    """The parameter names of the real layers (DSC, MoE gate, LayerNorms, attention)."""
+    """A few parameters named as in the real layers (DSC, MoE router, LayerNorms, attention)."""
     ones = jnp.ones
     return {
         "wte": {"embedding": ones((16, 4))},
@@ -31,7 +34,7 @@ def toy_params() -> dict:
                 "gamma": ones((4,)),
             },
         },
-        "block_1": {"ffn": {"gate": {"kernel": ones((4, 3))}, "mlp_in": ones((3, 4, 8))}},
+        "block_1": {"ffn": {"router": {"kernel": ones((4, 3))}, "expert_in": ones((3, 4, 8))}},
     }
 
 
@@ -43,18 +46,64 @@ def make_tx(weight_decay: float = 0.0, multiplier: float = 5.0):
     return make_optimizer(cfg, num_train_steps=STEPS, router_lr_multiplier=multiplier)
 
 
-def test_param_groups_follow_the_path_rules():
-    labels = param_groups(toy_params())
-    ffn = labels["block_0"]["ffn"]
-    assert ffn["router"] == {"kernel": "router", "bias": "router"}
-    assert ffn["router_norm"] == {"scale": "router", "bias": "router"}
-    assert labels["block_1"]["ffn"]["gate"]["kernel"] == "router"
-    for decayed in (ffn["basis_u"], ffn["mlp_in"]["kernel"], labels["wte"]["embedding"]):
-        assert decayed == "decay"
-    assert labels["block_0"]["attn"]["query"]["kernel"] == "decay"
-    assert labels["block_1"]["ffn"]["mlp_in"] == "decay"
-    assert ffn["gamma"] == "no_decay"
-    assert labels["block_0"]["ln_1"] == {"scale": "no_decay", "bias": "no_decay"}
+def real_labels(ffn, **kwargs) -> dict[str, str]:
+    """Group labels of a real GPT's parameter tree (shapes only), flattened to "a/b/c"."""
+    cfg = GPTConfig(vocab_size=32, max_seq_len=8, num_layers=1, num_heads=2, d_model=16, ffn=ffn)
+    shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    labels = param_labels(nn.unbox(shapes["params"]), **kwargs)
+    return {"/".join(k): v for k, v in traverse_util.flatten_dict(labels).items()}
+
+
+@pytest.mark.parametrize(
+    "ffn, expected",
+    [
+        (
+            DSCConfig(num_bases=8, top_k=2, hidden_dim=16),
+            {
+                "router/kernel": "router",
+                "router/bias": "router",
+                "router_norm/scale": "router",
+                "router_norm/bias": "router",
+                "basis_u": "bank",
+                "basis_v": "bank",
+                "gamma": "no_decay",
+                "mlp_in/kernel": "decay",
+                "mlp_out/kernel": "decay",
+            },
+        ),
+        (
+            MoEConfig(num_experts=3, top_k=2, hidden_dim=16),
+            {
+                "router/kernel": "router",
+                "router_norm/scale": "router",
+                "expert_in": "decay",
+                "expert_out": "decay",
+            },
+        ),
+        (
+            MoLoRAConfig(num_experts=3, rank=2, top_k=2, hidden_dim=16),
+            {"router/kernel": "router", "router/bias": "router", "lora_a": "decay"},
+        ),
+        (DenseConfig(hidden_dim=16), {"mlp_in/kernel": "decay", "mlp_out/kernel": "decay"}),
+    ],
+    ids=["dsc", "moe", "molora", "dense"],
+)
+def test_param_labels_on_real_models(ffn, expected):
+    labels = real_labels(ffn)
+    for name, label in expected.items():
+        assert labels[f"block_0/ffn/{name}"] == label, name
+    assert labels["wte/embedding"] == "decay"
+    assert labels["block_0/attn/query/kernel"] == "decay"
+    assert labels["block_0/ln_1/scale"] == labels["ln_f/bias"] == "no_decay"
+    # Every router parameter of the model is in the router group, and nothing else is.
+    routers = {k for k, v in labels.items() if v == "router"}
+    assert routers == {k for k in labels if "/router" in k}
+
+
+def test_decay_gamma_option_moves_gamma_to_the_decayed_group():
+    ffn = DSCConfig(num_bases=8, top_k=2, hidden_dim=16)
+    assert real_labels(ffn)["block_0/ffn/gamma"] == "no_decay"
+    assert real_labels(ffn, decay_gamma=True)["block_0/ffn/gamma"] == "decay"
 
 
 def test_router_lr_is_multiplier_times_lr_at_every_step():
@@ -70,7 +119,7 @@ def test_router_lr_is_multiplier_times_lr_at_every_step():
         updates, state = update(grads, state, params)
         router = float(updates["block_0"]["ffn"]["router"]["kernel"][0, 0])
         router_norm = float(updates["block_0"]["ffn"]["router_norm"]["scale"][0])
-        gate = float(updates["block_1"]["ffn"]["gate"]["kernel"][0, 0])
+        gate = float(updates["block_1"]["ffn"]["router"]["kernel"][0, 0])
         other = float(updates["block_0"]["ffn"]["mlp_in"]["kernel"][0, 0])
         gamma = float(updates["block_0"]["ffn"]["gamma"][0])
         lr = float(schedule(step))
@@ -92,9 +141,9 @@ def test_weight_decay_only_on_matrices_outside_the_router():
     for _ in range(3):  # step 2 has lr > 0
         updates, state = update(zeros, state, params)
     lr = float(schedule(2))
-    labels = param_groups(params)
+    labels = param_labels(params)
     for label, update in zip(jax.tree.leaves(labels), jax.tree.leaves(updates), strict=True):
-        expected = -lr * 0.5 if label == "decay" else 0.0
+        expected = -lr * 0.5 if label in ("decay", "bank") else 0.0
         np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-6, atol=1e-12)
 
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig
 from dsc_jax.models.gpt import GPTConfig
 from dsc_jax.models.solver import (
     budget_ffn_params,
@@ -41,16 +42,15 @@ def test_fixed_parameters_of_the_paper_model():
 
 def test_paper_dense(paper_solutions):
     sol = paper_solutions["dense"]
-    assert sol.hidden == 2611 and sol.config.dense_hidden == 2611
+    assert sol.ffn == DenseConfig(hidden_dim=2611) and sol.config.ffn == sol.ffn
     assert sol.total_params == sol.active_params == 34_995_456
     assert millions(sol.total_params) == 35.00
 
 
 def test_paper_moe(paper_solutions):
     sol = paper_solutions["moe"]
-    assert (sol.num_experts, sol.top_k, sol.hidden) == (5, 2, 545)
-    cfg = sol.config
-    assert (cfg.ffn, cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_hidden) == ("moe", 5, 2, 545)
+    assert sol.ffn == MoEConfig(num_experts=5, top_k=2, hidden_dim=545)
+    assert sol.kind == sol.config.ffn_kind == "moe" and sol.config.ffn == sol.ffn
     assert sol.total_params == 35_536_896 and millions(sol.total_params) == 35.54
     assert sol.active_params == 28_002_816 and millions(sol.active_params) == 28.00
     assert millions(sol.budget_active_params) == 28.00
@@ -58,9 +58,8 @@ def test_paper_moe(paper_solutions):
 
 def test_paper_dsc(paper_solutions):
     sol = paper_solutions["dsc"]
-    assert (sol.num_bases, sol.top_k, sol.hidden) == (1523, 4, 327)
-    cfg = sol.config
-    assert (cfg.dsc_num_bases, cfg.dsc_top_k, cfg.dsc_static_dim) == (1523, 4, 327)
+    assert sol.ffn == DSCConfig(num_bases=1523, top_k=4, hidden_dim=327)
+    assert sol.config.ffn == sol.ffn
     assert sol.total_params == 35_013_810 and millions(sol.total_params) == 35.01
     # The paper's 28.00 M is the §6 budget accounting (router weight, no router bias /
     # LayerNorm / γ). Counting those per-token vectors too gives 28.01 M.
@@ -71,17 +70,18 @@ def test_paper_dsc(paper_solutions):
 
 
 def test_paper_defaults_match_solutions(paper_solutions):
+    """GPTConfig() and each kind's config defaults are the solver's paper solutions."""
     default = GPTConfig()
     for sol in paper_solutions.values():
-        for key, value in sol.config.to_dict().items():
-            if key.startswith(sol.kind + "_") or key in PAPER:
-                assert getattr(default, key) == value, (sol.kind, key)
+        assert type(sol.ffn)() == sol.ffn, sol.kind
+        for key in PAPER:
+            assert getattr(default, key) == getattr(sol.config, key), (sol.kind, key)
 
 
 def test_paper_molora_within_budget(paper_solutions):
     sol = paper_solutions["molora"]
     d, layers = 384, 6
-    assert (sol.num_experts, sol.top_k, sol.rank, sol.hidden) == (16, 2, 108, 868)
+    assert sol.ffn == MoLoRAConfig(num_experts=16, top_k=2, rank=108, hidden_dim=868)
     # Floors only ever undershoot, each by less than one unit of the solved dimension.
     assert 0 <= TOTAL - sol.budget_total_params < layers * 2 * d * (16 - 2 + 1)
     assert 0 <= ACTIVE - sol.budget_active_params < layers * 2 * d * (1 + 2)
@@ -91,11 +91,14 @@ def test_paper_molora_within_budget(paper_solutions):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"ffn": "dense"},
-        {"ffn": "moe", "moe_num_experts": 3, "moe_top_k": 1},
-        {"ffn": "molora", "molora_num_experts": 5, "molora_rank": 3},
-        {"ffn": "dsc"},
-        {"ffn": "dsc", "dsc_variant": "basic", "tie_embeddings": False},
+        {"ffn": DenseConfig(hidden_dim=40)},
+        {"ffn": MoEConfig(num_experts=3, top_k=1, hidden_dim=20)},
+        {"ffn": MoLoRAConfig(num_experts=5, rank=3, hidden_dim=24)},
+        {"ffn": DSCConfig(num_bases=10, top_k=3, hidden_dim=24)},
+        {
+            "ffn": DSCConfig(num_bases=10, top_k=3, hidden_dim=24, variant="basic"),
+            "tie_embeddings": False,
+        },
     ],
 )
 def test_tree_counts_equal_closed_form(overrides):
@@ -105,8 +108,6 @@ def test_tree_counts_equal_closed_form(overrides):
         num_layers=3,
         num_heads=2,
         d_model=16,
-        dsc_num_bases=10,
-        dsc_top_k=3,
         **overrides,
     )
     total, active = count_params(cfg)
@@ -114,21 +115,21 @@ def test_tree_counts_equal_closed_form(overrides):
     fixed = fixed_param_count(16, 3, 96, 12, cfg.tie_embeddings)
     budget_total, budget_active = budget_ffn_params(cfg)
     assert total >= fixed + 3 * budget_total and active >= fixed + 3 * budget_active
-    assert active < total if cfg.ffn != "dense" else active == total
+    assert active < total if cfg.ffn_kind != "dense" else active == total
 
 
 def test_dsc_small_static_fallback():
     """Active budget too small for H >= 32: H = 32 and M from the active budget."""
     sol = solve_iso_active("dsc", total_params=TOTAL, active_params=24e6, **PAPER)
     c_act = (24e6 - 22_963_968) / 6
-    assert sol.hidden == 32
-    assert sol.num_bases == math.floor((c_act - 2 * 384 * 32 - 2 * 384 * 4) / 384) == 377
+    assert sol.ffn.hidden_dim == 32
+    assert sol.ffn.num_bases == math.floor((c_act - 2 * 384 * 32 - 2 * 384 * 4) / 384) == 377
     assert sol.active_params <= 24e6 + 6 * (377 + 3 * 384)
 
 
 def test_moe_every_candidate_respects_minimum_hidden():
     sol = solve_iso_active("moe", total_params=40e6, active_params=23.2e6, top_k=1, **PAPER)
-    assert sol.hidden >= 32 and sol.num_experts >= 2
+    assert sol.ffn.hidden_dim >= 32 and sol.ffn.num_experts >= 2
 
 
 def test_untied_and_overrides():

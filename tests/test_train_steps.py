@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsc_jax.models.gpt import GPT, GPTConfig
+from dsc_jax.layers.configs import DSCConfig
 from dsc_jax.layers.losses import LossWeights
+from dsc_jax.models.gpt import GPT, GPTConfig
 from dsc_jax.train import diagnostics, steps
 
 # float32, matmul precision "highest" (conftest): summing 4 micro-batch gradients of
@@ -23,7 +24,7 @@ def test_accumulation_equals_one_large_batch():
     dropout; regularisers off because they are non-linear in per-batch means)."""
     cfg = GPTConfig(
         vocab_size=64, max_seq_len=16, num_layers=1, num_heads=2, d_model=32, dropout_rate=0.0,
-        ffn="dsc", dsc_num_bases=16, dsc_top_k=2, dsc_hidden_dim=32,
+        ffn=DSCConfig(num_bases=16, top_k=2, hidden_dim=32),
     )  # fmt: skip
     model = GPT(cfg)
     tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 64, dtype=jnp.int32)

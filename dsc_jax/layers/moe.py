@@ -23,7 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from dsc_jax import paper
-from dsc_jax._checks import check_choice, check_float_input, check_positive_float, check_positive_int
+from dsc_jax._checks import (
+    check_choice,
+    check_float_input,
+    check_positive_float,
+    check_positive_int,
+)
 from dsc_jax.layers.common import (
     Dtype,
     check_common_fields,
@@ -70,10 +75,10 @@ class MoELayer(nn.Module):
     ``expert_out [E, H, d]`` (``experts, mlp, embed``).
 
     Sown: ``losses/aux`` (:func:`load_balancing_loss`, on the jittered probabilities) and
-    ``losses/z`` (:func:`dsc_jax.layers.common.z_loss` on the logits WITHOUT jitter) when ``"losses"``
-    is mutable; ``intermediates/top_k_indices [..., k]`` int32, ``intermediates/gates [..., k]``
-    float32 and, in ``"capacity"`` mode, ``intermediates/dropped_fraction`` (fraction of the
-    ``N·k`` token-slots dropped).
+    ``losses/z`` (:func:`dsc_jax.layers.common.z_loss` on the logits WITHOUT jitter) when
+    ``"losses"`` is mutable; ``intermediates/top_k_indices [..., k]`` int32,
+    ``intermediates/gates [..., k]`` float32 and, in ``"capacity"`` mode,
+    ``intermediates/dropped_fraction`` (fraction of the ``N·k`` token-slots dropped).
     """
 
     num_experts: int

@@ -52,10 +52,10 @@ class MoLoRALayer(nn.Module):
     (``experts, embed, rank``, normal(0.02)), ``lora_b [E, r, d]`` (``experts, rank, embed``,
     zeros).
 
-    Sown: ``losses/aux`` (:func:`dsc_jax.layers.common.load_balancing_loss` with
-    ``p = softmax`` over all ``E`` logits) and ``losses/z`` (:func:`dsc_jax.layers.common.z_loss`) when ``"losses"`` is
-    mutable; ``intermediates/top_k_indices [..., k]`` int32 and ``intermediates/gates
-    [..., k]`` float32.
+    Sown: ``losses/aux`` (:func:`dsc_jax.layers.common.load_balancing_loss` with ``p = softmax``
+    over all ``E`` logits) and ``losses/z`` (:func:`dsc_jax.layers.common.z_loss`) when
+    ``"losses"`` is mutable; ``intermediates/top_k_indices [..., k]`` int32 and
+    ``intermediates/gates [..., k]`` float32.
     """
 
     num_experts: int

@@ -139,11 +139,12 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         group_fields = fields.pop(group, None)
         if group_fields is None:
             raise ValueError(f"model: missing key(s) [{group!r}]; start from base_config().")
+        try:  # every group is validated, the one named by model.ffn is used
+            group_config = ffn_config(group, group_fields)
+        except ValueError as err:
+            raise ValueError(f"model.{group}: {err}") from None
         if group == kind:
-            try:
-                fields["ffn"] = ffn_config(kind, group_fields)
-            except ValueError as err:
-                raise ValueError(f"model.{kind}: {err}") from None
+            fields["ffn"] = group_config
     data_vocab = vocab_size or 256
     if fields.get("vocab_size") == 0:
         fields["vocab_size"] = data_vocab

@@ -1,15 +1,19 @@
-"""Bank projection (spec §4): rows of basis_u/basis_v stay on the unit sphere after any
-number of updates ("retract", "tangent"); with "none" they drift. Toy parameter trees."""
+"""Bank projection (spec §4) as an optax transform: rows of basis_u/basis_v stay on the unit
+sphere after any number of updates ("retract", "tangent"); with "none" they drift. Toy
+parameter trees, the trainer's TrainState, plain optax chains and bfloat16 parameters."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from dsc_jax import bank_retraction, retract_bank
+from dsc_jax.bank import tangent_project_bank
 from dsc_jax.train.optim import default_optim_config, make_optimizer
-from dsc_jax.train.state import TrainState, retract_bank, tangent_project_bank
+from dsc_jax.train.state import TrainState
 
 M, D, STEPS = 12, 8, 60
 
@@ -96,3 +100,44 @@ def test_tangent_projection_removes_the_radial_part():
 def test_unknown_projection_is_rejected():
     with pytest.raises(ValueError, match="bank_projection='project'"):
         make_state("project")
+
+
+@pytest.mark.parametrize("projection", ["retract", "tangent"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_optax_chain_keeps_rows_unit(projection, dtype):
+    """``optax.chain(adamw, bank_retraction())`` + ``optax.apply_updates``: unit rows after
+    every step (bfloat16 rows are unit to bfloat16 rounding), other leaves move freely."""
+    tx = optax.chain(optax.adamw(0.05, weight_decay=0.1), bank_retraction(projection))
+    params = jax.tree.map(lambda p: p.astype(dtype), toy_params())
+    opt_state = tx.init(params)
+    atol = 1e-6 if dtype == jnp.float32 else 1e-2
+    for i in range(5):
+        key = jax.random.key(i)
+        grads = jax.tree.map(lambda p, key=key: jax.random.normal(key, p.shape, p.dtype), params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        assert params["ffn"]["basis_u"].dtype == dtype
+        for name in ("basis_u", "basis_v"):
+            norms = np.linalg.norm(np.asarray(params["ffn"][name], np.float64), axis=-1)
+            np.testing.assert_allclose(norms, 1.0, atol=atol)
+    assert not np.allclose(np.linalg.norm(np.asarray(params["w"], np.float64), axis=-1), 1.0)
+
+
+def test_optax_chain_without_the_transform_drifts():
+    """The same chain without the transform leaves the sphere (so the test above can fail)."""
+    tx = optax.adamw(0.05, weight_decay=0.1)
+    params = retract_bank(toy_params())
+    opt_state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    norms = np.linalg.norm(np.asarray(params["ffn"]["basis_u"]), axis=-1)
+    assert np.max(np.abs(norms - 1.0)) > 1e-2
+
+
+def test_optax_transform_needs_params_and_a_known_projection():
+    tx = bank_retraction()
+    with pytest.raises(ValueError, match="needs the parameters"):
+        tx.update(toy_params(), tx.init(toy_params()))
+    with pytest.raises(ValueError, match="projection='sphere' is not allowed"):
+        bank_retraction("sphere")
