@@ -243,6 +243,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     model_config(config)
     _validate_optim(config.optim, config.num_train_steps)
+    if config.model.param_dtype == "float16" and config.optim.eps < 1e-4:
+        raise ValueError(
+            f"optim.eps={config.optim.eps!r} is invalid with model.param_dtype='float16': the "
+            "Adam state is float16 too, where it rounds to 0; expected optim.eps >= 1e-4."
+        )
     validate_data_config(config.data)
     losses = _as_dict(config.losses)
     _check_keys("losses", losses, default_losses_config().to_dict())
