@@ -107,8 +107,8 @@ def test_select_and_sizes() -> None:
         bench.select("nope")
     paper = bench.LayerSizes.paper()
     assert (paper.dsc_num_bases, paper.dsc_top_k, paper.dsc_hidden_dim) == (1523, 4, 327)
-    assert (paper.moe_num_experts, paper.moe_top_k, paper.moe_hidden) == (5, 2, 545)
-    assert paper.dense_hidden == 2611
+    assert (paper.moe_num_experts, paper.moe_top_k, paper.moe_hidden_dim) == (5, 2, 545)
+    assert paper.dense_hidden_dim == 2611
     assert paper.replace(["dsc_num_bases=64"]).dsc_num_bases == 64
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         paper.replace(["bogus=1"])

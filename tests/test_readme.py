@@ -22,9 +22,21 @@ def _example_code() -> str:
 def test_readme_example_trains_one_step():
     namespace: dict = {}
     exec(compile(_example_code(), str(README), "exec"), namespace)
-    params, grads = namespace["params"], namespace["grads"]
+    params, new_params, grads = namespace["params"], namespace["new_params"], namespace["grads"]
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    bank = np.asarray(params["DSCLayer_0"]["basis_u"])
-    np.testing.assert_allclose(np.linalg.norm(bank, axis=-1), 1.0, atol=1e-6)
-    # The step changed the parameters, and the loss is finite.
-    assert np.isfinite(float(namespace["loss_fn"](params)))
+    # The step moved every parameter of the DSC layer (its router, bank, static FFN, gamma) ...
+    before, after = params["DSCLayer_0"], new_params["DSCLayer_0"]
+    for path, old in jax.tree_util.tree_leaves_with_path(before):
+        moved = not np.array_equal(np.asarray(old), np.asarray(_at(after, path)))
+        assert moved, jax.tree_util.keystr(path)
+    # ... kept the bank rows on the unit sphere (bank_retraction), and lowered the loss.
+    for name in ("basis_u", "basis_v"):
+        norms = np.linalg.norm(np.asarray(after[name], np.float64), axis=-1)
+        np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+    assert float(namespace["loss_fn"](new_params)) < float(namespace["loss_fn"](params))
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
