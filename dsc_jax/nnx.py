@@ -99,18 +99,22 @@ class FromLinen(nnx.Module):
     ``regularizers`` (:class:`Regularizer`), ``diagnostics`` (:class:`Diagnostic`).
     """
 
-    _OWN = frozenset({"linen", "rngs", "regularizers", "diagnostics", "param_names"})
+    _OWN = frozenset({"linen", "rngs", "regularizers", "diagnostics"})
 
     def __init__(self, module: nn.Module, example: jax.Array, *, rngs: nnx.Rngs):
         self.linen = module
         boxed = module.init({"params": rngs.params()}, example)["params"]
         clash = sorted(set(boxed) & (self._OWN | set(dir(type(self)))))
         if clash:
-            raise ValueError(f"{type(self).__name__}: parameter names {clash} clash with attributes.")
-        self.param_names = tuple(boxed)
+            raise ValueError(
+                f"{type(self).__name__}: parameter names {clash} clash with attributes."
+            )
         for name, node in _to_nodes(boxed).items():
             setattr(self, name, node)
-        self.rngs = rngs["dropout"].fork()
+        try:
+            self.rngs = rngs["dropout"].fork()
+        except KeyError:  # no dropout/default stream: training calls must pass `rngs=`
+            self.rngs = nnx.data(None)
         params = jax.tree.map(nn.unbox, boxed, is_leaf=_is_partitioned)
         _, losses, stats = jax.eval_shape(
             lambda p, x, k: self._run(p, x, False, k), params, example, jax.random.key(0)
@@ -133,7 +137,7 @@ class FromLinen(nnx.Module):
     @property
     def params(self) -> dict[str, Any]:
         """The Linen ``params`` dict (plain nested dict of arrays)."""
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     def __call__(
         self,
@@ -152,6 +156,11 @@ class FromLinen(nnx.Module):
         key = None
         if not deterministic:
             source = self.rngs if rngs is None else rngs
+            if source is None:
+                raise ValueError(
+                    f"{type(self).__name__}: deterministic=False needs a dropout key; build it "
+                    "with rngs holding a 'dropout' or 'default' stream, or pass rngs=."
+                )
             if isinstance(source, nnx.Rngs):
                 source = source["dropout"]
             key = source if isinstance(source, jax.Array) else source()
@@ -167,9 +176,7 @@ def _zeros(shape: jax.ShapeDtypeStruct) -> jax.Array:
     return jnp.zeros(shape.shape, shape.dtype)
 
 
-def from_linen(
-    module: nn.Module, example: int | jax.Array, *, rngs: nnx.Rngs
-) -> FromLinen:
+def from_linen(module: nn.Module, example: int | jax.Array, *, rngs: nnx.Rngs) -> FromLinen:
     """:class:`FromLinen` of ``module``; ``example`` is an input or the model width ``d``
     (a ``[1, d]`` float32 input)."""
     if isinstance(example, int):
