@@ -10,7 +10,7 @@ Every call OVERWRITES two variables of fixed structure (so ``nnx.jit`` traces a 
 
 * :class:`Regularizer`: the unweighted regularisers of the call (the Linen ``"losses"``
   collection: ``aux``, ``budget``, ``frame``, ``z``); zeros after a ``deterministic`` call;
-* :class:`Diagnostic`: per-call routing sums (:func:`dsc_jax.train.diagnostics.routing_statistics`:
+* :class:`Diagnostic`: per-call routing sums (:func:`dsc_jax.layers.diagnostics.routing_statistics`:
   ``usage [M or E]`` selection counts, ``tokens``; DSC also ``signal_sum``, ``collapsed``).
 
 Usage::
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsc_jax import layers as linen_layers
+from dsc_jax.layers.diagnostics import routing_statistics
 from dsc_jax.models import gpt as linen_gpt
-from dsc_jax.train.diagnostics import routing_statistics
 
 __all__ = [
     "GPT",
