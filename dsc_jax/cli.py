@@ -62,7 +62,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir is required (e.g. --workdir=runs/default).")
     # Imported here so that `--help` and flag errors need no JAX start-up.
     from dsc_jax.sharding import initialize_distributed
-    from dsc_jax.train.checkpointing import CheckpointWriteError, UnreadableCheckpointsError
+    from dsc_jax.train.checkpointing import (
+        CheckpointWriteError,
+        UnreadableCheckpointsError,
+        quiet_closed_event_loop_errors,
+    )
     from dsc_jax.train.config import validate_config
     from dsc_jax.train.trainer import DataSetupError, NonFiniteLossError, train_and_evaluate
     from dsc_jax.train.workdir import WorkdirError
@@ -76,6 +80,7 @@ def main(argv: Sequence[str]) -> None:
         UnreadableCheckpointsError,
         CheckpointWriteError,  # disk full, read-only mount, quota
     )
+    quiet_closed_event_loop_errors()
     try:
         validate_config(FLAGS.config)
         # Before any JAX computation: multi-process runtime (auto-detected or from the flags).

@@ -110,13 +110,30 @@ def _release_blocked_orbax_threads() -> None:
                 logger.debug("could not release %s", thread.name, exc_info=True)
 
 
+def _is_closed_loop_noise(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
 def _quiet_closed_loop_hook(unraisable: Any) -> None:
     """Drop the "Event loop is closed" noise TensorStore callbacks leave behind after a failed
-    read (orbax closes its event loop first); everything else goes to the default hook."""
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+    read or write (orbax closes its event loop first); everything else goes to the default."""
+    if _is_closed_loop_noise(unraisable.exc_value):
         return
     sys.__unraisablehook__(unraisable)
+
+
+def quiet_closed_event_loop_errors() -> None:
+    """Process-wide (the CLI calls it): drop TensorStore's "Event loop is closed" callback
+    errors, printed through ``sys.excepthook`` or ``sys.unraisablehook`` from its own threads
+    after a failed checkpoint read or write. Other errors are printed as before."""
+    previous_excepthook = sys.excepthook
+
+    def excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
+        if not _is_closed_loop_noise(exc):
+            previous_excepthook(exc_type, exc, tb)
+
+    sys.excepthook = excepthook
+    sys.unraisablehook = _quiet_closed_loop_hook
 
 
 @dataclasses.dataclass
@@ -260,11 +277,11 @@ class Checkpointer:
             ) from err
 
     def latest_step_text(self) -> str:
-        """The newest finalised step (on disk) as text, or ``"none"``."""
+        """The newest finalised step as text (``"step 8"``), or ``"none"``."""
         try:
-            steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
-        except OSError:
-            return "none readable"
+            steps = list(self.manager.all_steps())
+        except Exception:  # pragma: no cover - the folder vanished
+            steps = []
         return f"step {max(steps)}" if steps else "none"
 
     def check_for_errors(self) -> None:

@@ -252,8 +252,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> workdir_
         multihost_utils.sync_global_devices("dsc_jax_prepare_workdir")
         saved = workdir_lib.read_saved_config(workdir)
         if saved is not None and _has_checkpoints(workdir):
-            for change in config_lib.check_resume_config(saved, config, workdir):
-                logging.info("resume with a changed setting (allowed): %s", change)
+            changes = config_lib.check_resume_config(saved, config, workdir)
+            if changes:
+                logging.warning("resuming with changed settings (allowed): %s", "; ".join(changes))
         workdir_lib.check_writable(workdir)
         workdir_lib.check_writable(os.path.join(workdir, "checkpoints"))
     except BaseException:
