@@ -46,6 +46,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,6 +102,11 @@ def _release_blocked_orbax_threads() -> None:
         set_signals = orbax_future.set_signals
     except (ImportError, AttributeError):  # pragma: no cover - another orbax version
         return
+    # The released threads' coroutines are never awaited: Python would warn about each one
+    # when it is garbage-collected (noise after an error that is already reported).
+    warnings.filterwarnings(
+        "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
+    )
     for thread in threading.enumerate():
         if isinstance(thread, thread_type) and thread.is_alive():
             try:
