@@ -217,6 +217,7 @@ def test_second_run_on_a_workdir_exits_at_once_and_kill9_frees_the_lock(tmp_path
         assert "Traceback" not in second.stderr
         assert not os.path.exists(os.path.join(workdir, "checkpoints"))
         assert elapsed < 60
+        print(f"second run on a locked workdir exited after {elapsed:.1f} s (with start-up)")
         with pytest.raises(WorkdirLockedError, match=f"pid {holder.pid}"):
             train_and_evaluate(tiny(cache_dir), workdir)  # in-process too
     finally:
@@ -362,6 +363,7 @@ def test_second_ctrl_c_stops_at_once_even_when_blocked(tmp_path, cache_dir):
     assert proc.returncode == 128 + signal.SIGINT, output
     assert "SIGINT received again: stopping now" in output, output
     assert elapsed < 10, elapsed
+    print(f"exit {elapsed:.2f} s after the second SIGINT (main thread blocked in a step)")
     with WorkdirLock(workdir):  # the kernel dropped the lock
         pass
 

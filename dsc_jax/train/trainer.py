@@ -249,7 +249,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> workdir_
     try:
         if config.start_over and jax.process_index() == 0:
             workdir_lib.abandon(workdir)
-        multihost_utils.sync_global_devices("dsc_jax_prepare_workdir")
+        if jax.process_count() > 1:  # the others read the workdir after process 0 moved it
+            multihost_utils.sync_global_devices("dsc_jax_prepare_workdir")
         saved = workdir_lib.read_saved_config(workdir)
         if saved is not None and _has_checkpoints(workdir):
             changes = config_lib.check_resume_config(saved, config, workdir)
