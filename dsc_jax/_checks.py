@@ -23,12 +23,12 @@ def check_positive_int(owner: str, field: str, value: Any, minimum: int = 1) -> 
 
 
 def check_positive_float(owner: str, field: str, value: Any, allow_zero: bool = False) -> None:
-    """Raise unless ``value`` is a real number > 0 (or >= 0 when ``allow_zero``)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    """Raise unless ``value`` is a finite real number > 0 (or >= 0 when ``allow_zero``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{owner}.{field}={value!r} is invalid; expected a number {bound}.")
+        raise ValueError(f"{owner}.{field}={value!r} is invalid; expected a finite number {bound}.")
 
 
 def check_probability(owner: str, field: str, value: Any) -> None:

@@ -3,13 +3,19 @@
     dsc-train --config=configs/default.py --workdir=runs/default [--config.key=value ...]
 
 Running again with the same ``--workdir`` resumes from its newest intact checkpoint.
-Configuration and data-setup errors are printed as one clear message (no traceback).
+Configuration, data-setup and storage errors (locked or unwritable workdir, unreadable or
+unwritable checkpoints) are printed as one clear message (no traceback) with exit status 1;
+the process then exits within seconds even if a library thread is stuck.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
+import threading
+import time
+import warnings
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -56,30 +62,62 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir is required (e.g. --workdir=runs/default).")
     # Imported here so that `--help` and flag errors need no JAX start-up.
     from dsc_jax.sharding import initialize_distributed
+    from dsc_jax.train.checkpointing import (
+        CheckpointWriteError,
+        UnreadableCheckpointsError,
+        quiet_closed_event_loop_errors,
+    )
     from dsc_jax.train.config import validate_config
     from dsc_jax.train.trainer import DataSetupError, NonFiniteLossError, train_and_evaluate
+    from dsc_jax.train.workdir import WorkdirError
 
+    user_errors = (
+        ValueError,  # bad config, changed settings on resume, incompatible checkpoint
+        ImportError,  # optional dependency
+        DataSetupError,
+        NonFiniteLossError,
+        WorkdirError,  # locked by another run, not writable
+        UnreadableCheckpointsError,
+        CheckpointWriteError,  # disk full, read-only mount, quota
+    )
+    quiet_closed_event_loop_errors()
     try:
         validate_config(FLAGS.config)
         # Before any JAX computation: multi-process runtime (auto-detected or from the flags).
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, ImportError, DataSetupError, NonFiniteLossError) as err:
-        # Bad config, missing data or optional dependency, incompatible checkpoint, NaN loss:
-        # one clear message; the traceback only with --verbosity=1.
+    except user_errors as err:
+        # One clear message; the traceback only with --verbosity=1.
         logging.debug("traceback of the error below", exc_info=True)
+        _exit_soon(1)
         sys.exit(f"dsc-train: error: {err}\n(run with --verbosity=1 for the traceback)")
     logging.info("%s at step %d", result["status"], result["step"])
 
 
+def _exit_soon(status: int, grace_s: float = 10.0) -> None:
+    """Make sure the process ends ``grace_s`` after a fatal error even if a non-daemon library
+    thread (e.g. one of a failed asynchronous checkpoint save) never finishes."""
+
+    def watchdog() -> None:
+        time.sleep(grace_s)
+        sys.stderr.flush()
+        os._exit(status)
+
+    threading.Thread(target=watchdog, name="dsc-exit-watchdog", daemon=True).start()
+
+
 class _QuietLibraries(std_logging.Filter):
-    """Drop INFO records of libraries (orbax, jax, ...) unless ``--verbosity >= 1``; keep
-    everything from dsc_jax and every warning."""
+    """Unless ``--verbosity >= 1``: drop INFO records of libraries (orbax, jax, ...), and their
+    error records that carry a traceback (orbax logs each failed background save three times
+    with its traceback; dsc_jax reports the failure as one line). Keep everything from dsc_jax
+    and every other warning and error."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.levelno >= std_logging.WARNING or "dsc_jax" in record.pathname:
+        if "dsc_jax" in record.pathname or FLAGS.verbosity >= 1:
             return True
-        return FLAGS.verbosity >= 1
+        if record.levelno >= std_logging.ERROR and record.exc_info:
+            return False
+        return record.levelno >= std_logging.WARNING
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -96,6 +134,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run() -> None:
     """Console-script entry point (``dsc-train``)."""
     define_flags()
+    # Left behind by orbax when a background save fails and its threads are released.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     app.run(main, flags_parser=parse_flags)

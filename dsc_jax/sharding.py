@@ -131,9 +131,14 @@ def parse_rule_overrides(
 ) -> tuple[tuple[str, MeshAxes], ...]:
     """Apply ``"name=axis[+axis],..."`` overrides to ``base`` (empty axis/None: replicate).
 
-    An overridden name keeps its position (priority); a new name is appended.
+    An overridden name keeps its position (priority).
+
+    Raises:
+      ValueError: a malformed entry, an unknown mesh axis, or a logical name that is not one
+        of ``base``'s (a typo would otherwise be ignored silently: no array uses the name).
     """
     rules = list(normalize_rules(base))
+    known = [n for n, _ in rules]
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not name:
@@ -147,13 +152,15 @@ def parse_rule_overrides(
         axes: MeshAxes = (
             None if not axes_list else (axes_list[0] if len(axes_list) == 1 else tuple(axes_list))
         )
+        if name not in known:
+            raise ValueError(
+                f"logical_axis_rules entry {item!r}: unknown logical name {name!r}; expected "
+                f"one of {known}"
+            )
         idx = [i for i, (n, _) in enumerate(rules) if n == name]
-        if idx:
-            rules[idx[0]] = (name, axes)
-            for i in reversed(idx[1:]):
-                del rules[i]
-        else:
-            rules.append((name, axes))
+        rules[idx[0]] = (name, axes)
+        for i in reversed(idx[1:]):
+            del rules[i]
     return tuple(rules)
 
 

@@ -14,7 +14,9 @@ import pytest
 
 from dsc_jax.train.checkpointing import (
     Checkpointer,
+    CheckpointWriteError,
     IncompatibleCheckpointError,
+    UnreadableCheckpointsError,
     fingerprint,
     read_meta,
 )
@@ -124,12 +126,78 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, corrupt, caplog):
     assert Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0))).step == 3
 
 
-def test_all_corrupt_gives_none(tmp_path):
+def test_all_unreadable_is_refused_and_nothing_moves(tmp_path):
+    """Used to return None (the trainer then started a fresh run over the old one)."""
     directory = str(tmp_path / "ckpt")
     save_steps(directory, (1, 2)).close()
     for step in (1, 2):
         _drop_meta(directory, step)
-    assert Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0))) is None
+    with pytest.raises(UnreadableCheckpointsError, match=r"ckpt/2: metadata unreadable.*ckpt/1"):
+        Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0)))
+    assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing moved: a retry can succeed
+    assert not os.path.exists(directory + ".corrupt")
+
+
+def test_data_position_must_match_the_step(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    ckpt = Checkpointer(directory, keep=3)
+    ckpt.save(2, make_tree(2), {"step": 5})  # a data position of another step
+    ckpt.close()
+    with pytest.raises(IncompatibleCheckpointError, match=r"data_state.step=5"):
+        Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0)))
+
+
+def test_data_position_is_fingerprinted(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    save_steps(directory, (1, 2)).close()
+    path = os.path.join(directory, "2", "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["data_state"]["seed"] = 99  # edited or bit-rotted data position
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    restored = Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0)))
+    assert restored.step == 1
+
+
+def test_corrupt_restore_is_quiet(tmp_path, capfd, caplog):
+    """One warning line per quarantined checkpoint: no TensorStore dump, no "Event loop is
+    closed" traceback, no "Sharding info not provided" warning."""
+    directory = str(tmp_path / "ckpt")
+    save_steps(directory, (1, 2)).close()
+    _flip_data_bytes(directory, 2)
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0))).step == 1
+        gc.collect()
+    out, err = capfd.readouterr()
+    assert "Event loop is closed" not in out + err
+    assert not [w for w in caught if "Sharding info" in str(w.message)]
+    warnings_logged = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_logged) == 1 and len(warnings_logged[0].getMessage()) < 600
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_failed_save_raises_one_error_and_does_not_hang(tmp_path):
+    """The folder becomes unwritable (replaced by a file): the background save fails; the
+    error surfaces as CheckpointWriteError and no orbax thread is left waiting forever."""
+    import threading
+
+    directory = str(tmp_path / "ckpt")
+    ckpt = save_steps(directory, (1,))
+    os.rename(directory, directory + ".moved")
+    with open(directory, "w"):
+        pass
+    with pytest.raises(CheckpointWriteError, match="could not write"):
+        ckpt.save(2, make_tree(2), {"step": 2})
+        ckpt.close()
+    stuck = [t for t in threading.enumerate() if "Signaling" in type(t).__name__ and t.is_alive()]
+    for t in stuck:
+        threading.Thread.join(t, timeout=5)  # orbax's join re-raises the save error
+    assert not [t for t in stuck if t.is_alive()]
 
 
 def test_other_configuration_is_an_error_not_corruption(tmp_path):

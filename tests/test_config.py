@@ -53,6 +53,10 @@ def _set(config, dotted: str, value) -> None:
         ("data.source", "imagenet", "data.source='imagenet' is not allowed"),
         ("mesh.shape", (2, -1, -1), "mesh.shape=(2, -1, -1) is invalid"),
         ("mesh.logical_axis_rules", "bases=nowhere", "mesh.logical_axis_rules='bases=nowhere'"),
+        ("mesh.logical_axis_rules", "base=tensor", "unknown logical name 'base'"),
+        ("model.dsc_tau", float("inf"), "GPTConfig.dsc_tau=inf is invalid; expected a finite"),
+        ("model.dsc_tau", float("nan"), "GPTConfig.dsc_tau=nan is invalid"),
+        ("start_over", "yes", "config.start_over='yes' is not allowed"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(key, value, message):
@@ -110,3 +114,32 @@ def test_paper_configs_are_spec_section_7():
     assert (moe.kind, moe.num_experts, moe.top_k, moe.hidden_dim) == ("moe", 5, 2, 545)
     dense = model_config(load_config("paper_dense"), 50304).ffn
     assert (dense.kind, dense.hidden_dim) == ("dense", 2611)
+
+
+def test_resume_allow_list_is_key_path_based_and_refuses_new_keys():
+    """Cadence and paths may change on resume; anything else (including keys added later, or
+    a nested model section after a rename) must match."""
+    from dsc_jax.train.config import is_mutable_on_resume, plain_config, resume_changes
+
+    saved = plain_config(base_config())
+    config = base_config()
+    config.num_train_steps = 5000
+    config.compilation_cache_dir = "/elsewhere"
+    config.model.dsc.compute = "dense"
+    config.model.dsc.top_k = 2
+    config.model.dtype = "bfloat16"
+    config.losses.budget = 0.5
+    allowed, refused = resume_changes(saved, config)
+    assert [k for k, _, _ in allowed] == [
+        "compilation_cache_dir",
+        "model.dsc.compute",
+        "num_train_steps",
+    ]
+    assert [k for k, _, _ in refused] == ["losses.budget", "model.dsc.top_k", "model.dtype"]
+    assert not is_mutable_on_resume("model.ffn.top_k") and not is_mutable_on_resume("brand_new")
+    assert is_mutable_on_resume("model.ffn.compute")
+    # A key the saved config lacks is unchanged at its default, refused otherwise.
+    del saved["start_over"]
+    assert resume_changes(saved, base_config()) == ([], [])
+    saved["removed_key"] = 1
+    assert [k for k, _, _ in resume_changes(saved, base_config())[1]] == ["removed_key"]

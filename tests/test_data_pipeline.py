@@ -207,6 +207,35 @@ def test_missing_file_and_empty_glob(tmp_path):
         build_data(_cfg(tmp_path, f"{tmp_path}/*.md"), seq_len=4, global_batch_size=1, seed=0)
 
 
+def test_directory_as_data_path_says_directory(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"texts' is a directory; expected a file"):
+        build_data(_cfg(tmp_path, folder), seq_len=4, global_batch_size=1, seed=0)
+    from dsc_jax.data.text_io import read_text
+
+    with pytest.raises(IsADirectoryError, match="is a directory; expected a file"):
+        read_text(str(folder))
+
+
+def test_token_ids_past_the_vocabulary_are_refused(tmp_path, corpus_file, monkeypatch):
+    """Ids >= vocab_size used to reach the model (NaN logits, silently)."""
+    from dsc_jax.data import pipeline
+    from dsc_jax.data.corpus import TokenCorpus
+
+    real_load = pipeline.load_corpus
+
+    def with_bad_id(*args, **kwargs):
+        corpus = real_load(*args, **kwargs)
+        train = np.array(corpus.train, dtype=np.uint16)
+        train[123] = 300  # byte tokenizer: vocabulary 0..255
+        return TokenCorpus(train, corpus.validation, corpus.key, corpus.from_cache)
+
+    monkeypatch.setattr(pipeline, "load_corpus", with_bad_id)
+    with pytest.raises(ValueError, match=r"training tokens hold id 300 .*position 123.*256 ids"):
+        build_data(_cfg(tmp_path, corpus_file), seq_len=4, global_batch_size=1, seed=0)
+
+
 def test_empty_file_and_empty_corpus(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -53,12 +53,14 @@ def test_default_config_and_overrides() -> None:
     cfg = sh.default_mesh_config()
     assert tuple(cfg.shape) == (-1, 1, 1)
     assert sh.rules_from_config(cfg) == sh.LOGICAL_AXIS_RULES
-    cfg.logical_axis_rules = "bases=, embed=fsdp+tensor, foo=data"
+    cfg.logical_axis_rules = "bases=, embed=fsdp+tensor"
     rules = dict(sh.rules_from_config(cfg))
     assert rules["bases"] is None
     assert rules["embed"] == ("fsdp", "tensor")
-    assert rules["foo"] == "data"
     assert rules["mlp"] == "tensor"
+    # A typo'd logical name used to be appended (and silently ignored): now it is refused.
+    with pytest.raises(ValueError, match=r"unknown logical name 'base'.*'bases'"):
+        sh.parse_rule_overrides("base=")
     with pytest.raises(ValueError, match="not in"):
         sh.parse_rule_overrides("embed=model")
     with pytest.raises(ValueError, match="name=axis"):

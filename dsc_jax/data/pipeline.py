@@ -70,6 +70,24 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"build_data: {name}={value!r} is invalid; expected an int >= {minimum}.")
 
 
+def check_token_range(tokens: np.ndarray, vocab_size: int, part: str, cache_key: str) -> None:
+    """Raise unless every token id is in ``[0, vocab_size)`` (an id past the vocabulary would
+    index outside the embedding table: NaN logits, silently). One pass over the tokens
+    (memory-mapped uint16 for cached corpora: ~0.1 s per 100 M tokens)."""
+    if len(tokens) == 0:
+        return
+    top, low = int(np.max(tokens)), int(np.min(tokens))
+    if top >= vocab_size or low < 0:
+        bad = top if top >= vocab_size else low
+        first = int(np.argmax((tokens >= vocab_size) | (tokens < 0)))
+        raise ValueError(
+            f"the {part} tokens hold id {bad} (first bad id at position {first}) but the "
+            f"tokenizer's vocabulary has {vocab_size} ids (0..{vocab_size - 1}); the token "
+            f"cache (key {cache_key}) may be stale or from another tokenizer: delete it, or "
+            "check the tokenizer."
+        )
+
+
 def build_data(
     data_config: Any,
     *,
@@ -106,6 +124,8 @@ def build_data(
     check_process_split(global_batch_size, process_index, process_count)
     tokenizer = build_tokenizer(d["tokenizer"], d["gpt2_bpe_dir"])
     corpus = load_corpus(d, make_source(d), tokenizer)
+    check_token_range(corpus.train, tokenizer.vocab_size, "training", corpus.key)
+    check_token_range(corpus.validation, tokenizer.vocab_size, "validation", corpus.key)
     if len(corpus.validation) < seq_len + 1:
         raise ValueError(
             f"seq_len={seq_len} needs {seq_len + 1} tokens per window but the validation "

@@ -71,6 +71,8 @@ def read_text(path: str, max_chars: int | None = None) -> str:
       FileNotFoundError: the file is missing.
       ValueError: the file is not valid UTF-8 (message names file and byte offset).
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"data file {path!r} is a directory; expected a file.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist (or is not a file).")
     with open(path, "rb") as f:
@@ -93,6 +95,11 @@ def expand_paths(patterns: Iterable[str]) -> list[str]:
             files.extend(matches)
         elif os.path.isfile(expanded):
             files.append(expanded)
+        elif os.path.isdir(expanded):
+            raise IsADirectoryError(
+                f"data.paths: {pattern!r} is a directory; expected a file (or a glob such as "
+                f"{os.path.join(pattern, '*.txt')!r})."
+            )
         else:
             raise FileNotFoundError(f"data.paths: the file {pattern!r} does not exist.")
     seen: set[str] = set()

@@ -14,11 +14,20 @@ Atomicity: orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and ren
 (unfinished temporary folders are ignored and cleaned up at start).
 
 Integrity on restore (:meth:`Checkpointer.restore_latest`): the newest step is read; if its
-``meta`` is unreadable, its arrays fail to load, or the restored arrays' fingerprint differs
-from the one recorded at save time, the checkpoint is reported (``logging.warning``), moved
-to ``<directory>.corrupt/<step>`` and the next older step is tried. A checkpoint whose
-``signature`` differs (another model or optimiser configuration) is *not* treated as
-corrupt: that raises :class:`IncompatibleCheckpointError` and nothing is moved.
+``meta`` is unreadable, its arrays fail to load, or the restored arrays' (or data position's)
+fingerprint differs from the one recorded at save time, the next older step is tried. Once
+one restores, the newer unreadable ones are reported (one ``logging.warning`` line each) and
+moved to ``<directory>.corrupt/<step>-<time>``. When *none* restores, nothing is moved and
+:class:`UnreadableCheckpointsError` names them all (a transient read error must not turn into
+a fresh run). A checkpoint whose ``signature`` differs (another model or optimiser
+configuration), or whose data position disagrees with its step, is *not* treated as corrupt:
+that raises :class:`IncompatibleCheckpointError` and nothing is moved.
+
+Write failures (disk full, read-only mount, quota), whether raised by :meth:`Checkpointer.save`
+or by the background thread of an asynchronous save, surface as one
+:class:`CheckpointWriteError` from :meth:`~Checkpointer.save`,
+:meth:`~Checkpointer.check_for_errors` or :meth:`~Checkpointer.close`; orbax's helper threads
+that would wait forever for the failed save are released, so the process can exit.
 
 The fingerprint is computed on device: for each leaf, two uint32 sums (plain and
 position-weighted) of its bit pattern. Integer sums wrap exactly, so the value is
@@ -27,13 +36,18 @@ independent of the sharding and of the reduction order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -54,6 +68,78 @@ class IncompatibleCheckpointError(ValueError):
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint's content does not match what was recorded when it was saved."""
+
+
+class UnreadableCheckpointsError(RuntimeError):
+    """Checkpoints exist but none of them can be restored (nothing was moved)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the message names the folder and the OS reason)."""
+
+
+def _short(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (TensorStore errors span dozens of lines)."""
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(err).__name__}: {first}"
+
+
+def _data_fingerprint(data_state: Any) -> str:
+    return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+
+
+def _release_blocked_orbax_threads() -> None:
+    """Unblock orbax's ``_SignalingThread`` helpers that still wait for the signals of a
+    failed save (non-daemon threads: they would keep the process from exiting for the
+    length of orbax's async timeout). Private orbax API; a no-op if it changes."""
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future
+
+        thread_type = orbax_future._SignalingThread
+        set_signals = orbax_future.set_signals
+    except (ImportError, AttributeError):  # pragma: no cover - another orbax version
+        return
+    # The released threads' coroutines are never awaited: Python would warn about each one
+    # when it is garbage-collected (noise after an error that is already reported).
+    warnings.filterwarnings(
+        "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
+    )
+    for thread in threading.enumerate():
+        if isinstance(thread, thread_type) and thread.is_alive():
+            try:
+                thread.cancel()
+                set_signals(thread._receive_signals, operation_id=thread._operation_id)
+            except Exception:  # pragma: no cover - best effort
+                logger.debug("could not release %s", thread.name, exc_info=True)
+
+
+def _is_closed_loop_noise(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _quiet_closed_loop_hook(unraisable: Any) -> None:
+    """Drop the "Event loop is closed" noise TensorStore callbacks leave behind after a failed
+    read or write (orbax closes its event loop first); everything else goes to the default."""
+    if _is_closed_loop_noise(unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def quiet_closed_event_loop_errors() -> None:
+    """Process-wide (the CLI calls it): drop TensorStore's "Event loop is closed" callback
+    errors, printed through ``sys.excepthook`` or ``sys.unraisablehook`` from its own threads
+    after a failed checkpoint read or write. Other errors are printed as before."""
+    previous_excepthook = sys.excepthook
+
+    def excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
+        if not _is_closed_loop_noise(exc):
+            previous_excepthook(exc_type, exc, tb)
+
+    sys.excepthook = excepthook
+    sys.unraisablehook = _quiet_closed_loop_hook
 
 
 @dataclasses.dataclass
@@ -164,24 +250,80 @@ class Checkpointer:
             "format": FORMAT,
             "step": int(step),
             "data_state": data_state,
+            "data_fingerprint": _data_fingerprint(data_state),
             "signature": tree_signature(tree),
             "fingerprint": fingerprint(tree),
             "time": time.time(),
         }
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree), meta=ocp.args.JsonSave(meta)),
-            force=True,
+        with self._write_errors(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(tree), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None) -> Iterator[None]:
+        """Any exception inside becomes one :class:`CheckpointWriteError` (orbax's helper
+        threads released)."""
+        try:
+            yield
+        except CheckpointWriteError:
+            _release_blocked_orbax_threads()
+            raise
+        except Exception as err:
+            _release_blocked_orbax_threads()
+            what = f"checkpoint {step}" if step is not None else "a checkpoint"
+            raise CheckpointWriteError(
+                f"could not write {what} to {self.directory} ({_short(err)}); the last "
+                f"complete checkpoint ({self.latest_step_text()}) is kept. Free space or fix "
+                "the storage, then run the same command again to resume."
+            ) from err
+
+    def latest_step_text(self) -> str:
+        """The newest finalised step as text (``"step 8"``), or ``"none"``."""
+        try:
+            steps = list(self.manager.all_steps())
+        except Exception:  # pragma: no cover - the folder vanished
+            steps = []
+        return f"step {max(steps)}" if steps else "none"
+
+    def check_for_errors(self) -> None:
+        """Raise :class:`CheckpointWriteError` if a background save has failed (cheap: reads
+        a flag of orbax's finalize thread; waits only when that thread has already failed)."""
+        with self._write_errors(None):
+            self.manager.check_for_errors()
+            if self._background_save_failed():
+                self.manager.wait_until_finished()  # re-raises the thread's exception
+
+    def _background_save_failed(self) -> bool:
+        try:  # private orbax state (CheckpointManager._finalize_thread); False if it changes
+            thread = self.manager._finalize_thread.get()
+        except Exception:  # pragma: no cover - another orbax version
+            return False
+        return (
+            thread is not None
+            and not thread.is_alive()
+            and getattr(thread, "exception", None) is not None
         )
 
     def wait_until_finished(self) -> None:
         """Block until every pending background save is on disk."""
-        self.manager.wait_until_finished()
+        with self._write_errors(None):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish pending saves and release the manager (the manager is released even when
+        the last save failed; the failure is then raised as :class:`CheckpointWriteError`)."""
+        try:
+            self.wait_until_finished()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # already reported by wait_until_finished
+                _release_blocked_orbax_threads()
 
     def _restore_step(self, step: int, abstract_tree: Any) -> Restored:
         try:
@@ -189,11 +331,12 @@ class Checkpointer:
                 "meta"
             ]
         except Exception as err:  # unreadable or missing metadata
-            raise CorruptCheckpointError(
-                f"metadata unreadable ({type(err).__name__}: {err})"
-            ) from err
+            raise CorruptCheckpointError(f"metadata unreadable ({_short(err)})") from err
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CorruptCheckpointError(f"metadata is not a {FORMAT} record: {meta!r:.200}")
+        data_state = meta.get("data_state") or {}
+        if "data_fingerprint" in meta and meta["data_fingerprint"] != _data_fingerprint(data_state):
+            raise CorruptCheckpointError("data position differs from its saved fingerprint")
         if meta.get("signature") != tree_signature(abstract_tree):
             raise IncompatibleCheckpointError(
                 f"checkpoint {self.directory}/{step} holds a different parameter/optimiser "
@@ -207,14 +350,13 @@ class Checkpointer:
             )
             tree = self.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
         except Exception as err:
-            raise CorruptCheckpointError(
-                f"arrays unreadable ({type(err).__name__}: {err})"
-            ) from err
+            raise CorruptCheckpointError(f"arrays unreadable ({_short(err)})") from err
         if fingerprint(tree) != meta.get("fingerprint"):
             raise CorruptCheckpointError("array contents differ from the saved fingerprint")
-        return Restored(step=step, tree=tree, data_state=meta.get("data_state") or {})
+        _check_positions(f"{self.directory}/{step}", step, meta, tree, data_state)
+        return Restored(step=step, tree=tree, data_state=data_state)
 
-    def _quarantine(self, step: int) -> None:
+    def _quarantine(self, step: int, reason: str) -> None:
         """Move a corrupt step folder aside (process 0), so that the step can be re-saved."""
         if jax.process_index() == 0:
             source = os.path.join(self.directory, str(step))
@@ -222,7 +364,13 @@ class Checkpointer:
             os.makedirs(self.quarantine_dir, exist_ok=True)
             if os.path.exists(source):
                 shutil.move(source, target)
-                logger.warning("moved corrupt checkpoint %s to %s", source, target)
+                logger.warning(
+                    "checkpoint %s is corrupt or partial (%s): moved to %s, falling back to "
+                    "the previous one",
+                    source,
+                    reason,
+                    target,
+                )
         multihost_utils.sync_global_devices(f"dsc_jax_quarantine_{step}")
         self.manager.reload()
 
@@ -234,23 +382,54 @@ class Checkpointer:
             arrays come back with these shardings (any mesh).
 
         Returns:
-          The restored checkpoint, or ``None`` when no (intact) checkpoint exists.
+          The restored checkpoint, or ``None`` when the folder holds no checkpoint.
 
         Raises:
-          IncompatibleCheckpointError: the newest checkpoint belongs to another configuration.
+          IncompatibleCheckpointError: the newest checkpoint belongs to another configuration,
+            or its data position disagrees with its step.
+          UnreadableCheckpointsError: checkpoints exist but none restores (nothing is moved).
         """
-        for step in reversed(self.all_steps()):
-            try:
-                return self._restore_step(step, abstract_tree)
-            except CorruptCheckpointError as err:
-                logger.warning(
-                    "checkpoint %s/%d is corrupt or partial: %s; falling back to the previous one",
-                    self.directory,
-                    step,
-                    err,
-                )
-                self._quarantine(step)
+        failed: list[tuple[int, str]] = []
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = _quiet_closed_loop_hook
+        try:
+            for step in reversed(self.all_steps()):
+                try:
+                    restored = self._restore_step(step, abstract_tree)
+                except CorruptCheckpointError as err:
+                    failed.append((step, str(err)))
+                    continue
+                for bad_step, reason in failed:
+                    self._quarantine(bad_step, reason)
+                return restored
+        finally:
+            sys.unraisablehook = previous_hook
+        if failed:
+            listing = "; ".join(f"{self.directory}/{step}: {reason}" for step, reason in failed)
+            raise UnreadableCheckpointsError(
+                f"no checkpoint of this run can be read ({listing}). Nothing was moved or "
+                "overwritten. If the storage had a transient error, run the same command "
+                "again; to start from step 1 on purpose, pass --config.start_over=True (the "
+                "old outputs are moved to WORKDIR/abandoned-<time>/)."
+            )
         return None
+
+
+def _check_positions(where: str, step: int, meta: dict[str, Any], tree: Any, data: Any) -> None:
+    """The folder's step, the recorded step, the restored ``tree["step"]`` and the data
+    position must agree, or the run would continue with other batches than it would have."""
+    positions = {"folder": step, "meta.step": meta.get("step")}
+    if isinstance(tree, dict) and "step" in tree:
+        positions["state.step"] = int(np.asarray(jax.device_get(tree["step"])))
+    if isinstance(data, dict) and "step" in data:
+        positions["data_state.step"] = data["step"]
+    if len(set(positions.values())) > 1:
+        listing = ", ".join(f"{k}={v!r}" for k, v in positions.items())
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} is inconsistent: {listing}; resuming would train on other "
+            "batches than the uninterrupted run. Move it aside to resume from an older one, "
+            "or pass --config.start_over=True."
+        )
 
 
 def read_meta(directory: str, step: int) -> dict[str, Any]:

@@ -7,6 +7,8 @@ the bad value and what is allowed, for unknown keys at every level and for bad v
 
 from __future__ import annotations
 
+import fnmatch
+import json
 from typing import Any
 
 import ml_collections
@@ -92,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.bank_projection = "retract"
     # JAX persistent compilation cache folder ("": off). Speeds up restarts and resumes.
     c.compilation_cache_dir = ""
+    # Set the previous run in WORKDIR aside (moved to WORKDIR/abandoned-<time>/) and start from
+    # step 1. Needed when the old run cannot be resumed (unreadable checkpoints, changed
+    # settings). One-off: drop it again, or every restart of the job starts over.
+    c.start_over = False
     c.model = default_model_config()  # GPT and FFN hyper-parameters (dsc_jax.gpt.GPTConfig)
     c.optim = default_optim_config()  # AdamW, schedule, clipping (dsc_jax.train.optim)
     c.data = default_data_config()  # corpus, tokenizer, pipeline (dsc_jax.data.config)
@@ -234,6 +240,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"batch_size={config.batch_size!r}."
         )
     check_choice(OWNER, "async_checkpointing", config.async_checkpointing, (True, False))
+    check_choice(OWNER, "start_over", config.start_over, (True, False))
     check_positive_float(OWNER, "router_lr_multiplier", config.router_lr_multiplier)
     check_choice(OWNER, "bank_projection", config.bank_projection, BANK_PROJECTIONS)
     if not isinstance(config.compilation_cache_dir, str):
@@ -261,3 +268,91 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
     """Sequences per validation batch (``eval_batch_size``, or the micro-batch size if 0)."""
     return config.eval_batch_size or config.batch_size // config.micro_batches
+
+
+# Settings that may differ between a run and its resumption (dotted key paths, fnmatch
+# patterns: ``*`` also matches dots, so ``model.*compute`` survives nesting the model
+# section). Everything else must equal the saved config.json: a new key is refused by default.
+RESUME_MUTABLE_KEYS: tuple[str, ...] = (
+    "name",  # free text
+    "num_train_steps",  # extend (or shorten) the run
+    "log_every_steps",  # cadences: when things are written, not what is computed
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "async_checkpointing",
+    "compilation_cache_dir",  # where compiled programs are cached
+    "start_over",  # the one-off "set the old run aside" switch
+    "mesh.shape",  # checkpoints restore onto any mesh
+    "mesh.logical_axis_rules",  # and any sharding of the same arrays
+    "data.cache_dir",  # where the same tokens, datasets and files are found
+    "data.tfds_data_dir",
+    "data.wikitext_dir",
+    "data.wikitext_download",
+    "data.gpt2_bpe_dir",
+    "model.*compute",  # DSC kernel choice (same function, another algorithm)
+)
+_ABSENT = "<absent>"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def plain_config(config: Any) -> dict[str, Any]:
+    """``config`` as JSON types (what ``config.json`` stores): tuples become lists."""
+    return json.loads(json.dumps(_as_dict(config)))
+
+
+def is_mutable_on_resume(key: str) -> bool:
+    """Whether the dotted config key may change when a run is resumed."""
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUME_MUTABLE_KEYS)
+
+
+def resume_changes(
+    saved: dict[str, Any], config: Any
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """Differences between a saved config (``config.json``) and ``config``.
+
+    A key the saved config lacks (added to the code since) counts as unchanged when the new
+    value is :func:`base_config`'s default.
+
+    Returns:
+      ``(allowed, refused)``: ``(key, old, new)`` triples, keys sorted.
+    """
+    old, new = _flatten(saved), _flatten(plain_config(config))
+    defaults = _flatten(plain_config(base_config()))
+    allowed, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if before == after or (before is _ABSENT and defaults.get(key, _ABSENT) == after):
+            continue
+        (allowed if is_mutable_on_resume(key) else refused).append((key, before, after))
+    return allowed, refused
+
+
+def check_resume_config(saved: dict[str, Any], config: Any, workdir: str) -> list[str]:
+    """Refuse a resumption whose settings change the meaning of the run.
+
+    Returns:
+      One ``"key: old -> new"`` line per allowed change (for the log).
+
+    Raises:
+      ValueError: listing every refused ``key: old -> new`` and what to do instead.
+    """
+    allowed, refused = resume_changes(saved, config)
+    if refused:
+        diff = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in refused)
+        raise ValueError(
+            f"cannot resume the run in {workdir}: these settings differ from its config.json "
+            f"(saved -> now):\n{diff}\nUse the saved values, another --workdir, or "
+            "--config.start_over=True to set the old run aside and start from step 1."
+        )
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in allowed]

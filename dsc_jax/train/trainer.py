@@ -1,27 +1,39 @@
-"""The training loop: ``train_and_evaluate(config, workdir)``.
+"""The training loop: ``train_and_evaluate(config, workdir)``, in four short phases.
 
-Order of work: validate the config (no compute) → mesh → data → model and optimiser →
-sharded state → restore the newest intact checkpoint (if any) → jitted steps → loop.
+1. :func:`prepare_workdir`: validate the config, lock the workdir (one run per folder; see
+   :mod:`dsc_jax.train.workdir`), set an old run aside on ``config.start_over``, refuse a
+   resumption whose settings changed (:func:`dsc_jax.train.config.check_resume_config`),
+   probe that the workdir and checkpoint folder are writable. Nothing is written yet.
+2. :func:`build_run` then :func:`restore_or_start`: mesh, data, model and optimiser, sharded
+   state; restore the newest intact checkpoint (refusing when checkpoints exist but none can
+   be read) or initialise. Only then is ``config.json`` written.
+3. :func:`train_loop`: steps with their cadence (log, evaluate, checkpoint, stop on signal).
+4. The final save, and :meth:`Checkpointer.close` which surfaces a failed background save.
 
 Step numbering: ``step`` in metrics and checkpoints counts completed optimiser updates; the
 update that turns ``state.step = s - 1`` into ``s`` is "step ``s``". Logging happens at step
 1, every ``log_every_steps``, at evaluations and at the last step; evaluation every
 ``eval_every_steps`` and at the last step; checkpoints every ``checkpoint_every_steps``, at
 the last step and when SIGTERM/SIGINT arrives (the handler only sets a flag; the loop saves
-after the current step and returns; a second signal kills at once).
+after the current step and returns). A second signal ends the process at once (exit status
+128 + signal number), even while the main thread is blocked in a device computation or a
+checkpoint wait: a watchdog thread sees the signal through :func:`signal.set_wakeup_fd`.
 
-Training losses are checked for NaN/Inf before every log, evaluation and checkpoint (the
-per-step values are kept on device until then): the first bad step raises
-:class:`NonFiniteLossError`; no checkpoint of a bad state is ever written, so the last good
-one stays.
+Before every log, evaluation and checkpoint the per-step values kept on device are checked:
+the training loss, and a flag computed inside the jitted step that every parameter and
+optimiser-state value is finite. The first bad step raises :class:`NonFiniteLossError` (or
+:class:`NonFiniteStateError`); no checkpoint of a bad state is ever written, so the last good
+one stays. A failed checkpoint write (checked after every step) raises
+:class:`~dsc_jax.train.checkpointing.CheckpointWriteError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +53,8 @@ from dsc_jax.models.gpt import GPT
 from dsc_jax.sharding import BATCH_AXES, make_mesh, rules_from_config, shard_batch
 from dsc_jax.train import config as config_lib
 from dsc_jax.train import diagnostics, steps
-from dsc_jax.train.checkpointing import Checkpointer
+from dsc_jax.train import workdir as workdir_lib
+from dsc_jax.train.checkpointing import Checkpointer, Restored
 from dsc_jax.train.metrics import MetricsWriter
 from dsc_jax.train.optim import make_optimizer
 from dsc_jax.train.state import TrainState, abstract_train_state, init_train_state
@@ -51,30 +64,58 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf."""
 
 
+class NonFiniteStateError(NonFiniteLossError):
+    """A parameter or optimiser-state value became NaN or Inf."""
+
+
 class DataSetupError(RuntimeError):
     """The data could not be built (missing files or network, bad corpus); the message is the
     data layer's own."""
 
 
 class StopFlag:
-    """SIGTERM/SIGINT → ``flag.requested = True`` (a second signal restores the default
-    handler and re-raises it). A no-op outside the main thread."""
+    """SIGTERM/SIGINT → ``flag.requested = "SIGTERM"`` (the loop saves, then stops); a second
+    signal ends the process at once with status 128 + signal number, without saving.
+
+    The second signal is also seen by a watchdog thread through :func:`signal.set_wakeup_fd`:
+    Python runs signal handlers only in the main thread between bytecodes, so a main thread
+    blocked in a long device computation, an XLA compilation or an orbax wait would otherwise
+    delay it until that call returns. A no-op outside the main thread.
+    """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.requested: str | None = None
         self._signals = signals
         self._previous: dict[int, Any] = {}
+        self._count = 0
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup_fd = -1
+        self._watchdog: threading.Thread | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
-        if self.requested is not None:  # second signal: give up gracefully stopping
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            os.kill(os.getpid(), signum)
-            return
+        if self.requested is not None:  # second signal (normally the watchdog was first)
+            _exit_now(signum)
         self.requested = signal.Signals(signum).name
         logging.warning(
-            "%s received: saving a checkpoint after this step, then stopping", self.requested
+            "%s received: saving a checkpoint after this step, then stopping (send it again "
+            "to stop at once without saving)",
+            self.requested,
         )
+
+    def _watch(self, read_fd: int) -> None:
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not data:  # write end closed: __exit__
+                return
+            for signum in data:
+                if signum in self._signals:
+                    self._count += 1
+                    if self._count >= 2:
+                        _exit_now(signum)
 
     def __enter__(self) -> StopFlag:
         try:
@@ -82,12 +123,37 @@ class StopFlag:
                 self._previous[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: signals cannot be caught here
             self._previous.clear()
+            return self
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._old_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._pipe = (read_fd, write_fd)
+        self._watchdog = threading.Thread(
+            target=self._watch, args=(read_fd,), name="dsc-second-signal", daemon=True
+        )
+        self._watchdog.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            read_fd, write_fd = self._pipe
+            os.close(write_fd)
+            if self._watchdog is not None:
+                self._watchdog.join(timeout=5)
+            os.close(read_fd)
+            self._pipe = self._watchdog = None
+
+
+def _exit_now(signum: int) -> None:
+    """End the process immediately (no save, no cleanup; the kernel drops the workdir lock and
+    an unfinished checkpoint stays a temporary folder that the next run removes)."""
+    name = signal.Signals(signum).name
+    os.write(2, f"\n{name} received again: stopping now without saving.\n".encode())
+    os._exit(128 + signum)
 
 
 def _enable_compilation_cache(path: str) -> None:
@@ -114,11 +180,14 @@ def _check_batch_divisibility(config: ml_collections.ConfigDict, mesh: Any) -> N
             )
 
 
-def _first_nonfinite(pending: list[tuple[int, jax.Array]]) -> tuple[int, float] | None:
-    values = jax.device_get([loss for _, loss in pending])
-    for (step, _), value in zip(pending, values, strict=True):
-        if not jnp.isfinite(value):
-            return step, float(value)
+def _first_nonfinite(pending: list[tuple[int, jax.Array, jax.Array]]) -> tuple[int, str] | None:
+    """The first ``(step, what)`` whose loss is not finite or whose state is not all finite."""
+    values = jax.device_get([(loss, finite) for _, loss, finite in pending])
+    for (step, _, _), (loss, finite) in zip(pending, values, strict=True):
+        if not np.isfinite(loss):
+            return step, f"training loss is {float(loss)}"
+        if not bool(finite):
+            return step, "a parameter or optimiser-state value is NaN or Inf"
     return None
 
 
@@ -132,31 +201,104 @@ def _agree_across_processes(local_flag: bool) -> bool:
     return bool(np.any(flags))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (or resume) the run in ``workdir`` as described by ``config``.
+def all_finite(tree: Any) -> jax.Array:
+    """Scalar bool: every floating value of ``tree`` is finite (one fused reduction)."""
+    leaves = [
+        x
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
-    Args:
-      config: a training config (see :func:`dsc_jax.train.config.base_config`).
-      workdir: run folder; ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
-        ``config.json`` go there. An existing run there is resumed.
+
+def checked_train_step(
+    state: TrainState, batch: jax.Array, rng: jax.Array, **kwargs: Any
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """:func:`steps.train_step` plus ``metrics["state_finite"]`` (the new params and optimiser
+    state are all finite), which gates every checkpoint."""
+    new_state, metrics = steps.train_step(state, batch, rng, **kwargs)
+    finite = all_finite((new_state.params, new_state.opt_state))
+    return new_state, dict(metrics, state_finite=finite)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> workdir_lib.WorkdirLock:
+    """Lock ``workdir`` and check it can take this run; writes nothing but the lock file.
 
     Returns:
-      ``{"status": "completed" | "interrupted", "step": last step, "final": last metrics}``.
+      The held lock (process 0; other processes get an unlocked placeholder). Release it
+      with ``release()``.
 
     Raises:
-      ValueError: bad configuration (before any compute) or a checkpoint of another config.
-      DataSetupError: the data could not be built.
-      NonFiniteLossError: the training loss became NaN/Inf (names the step).
+      WorkdirLockedError: another run holds the workdir.
+      WorkdirError: the workdir or its checkpoint folder is not writable.
+      ValueError: the saved run's settings differ in a key that may not change.
     """
-    config_lib.validate_config(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    is_main = jax.process_index() == 0
+    lock = workdir_lib.WorkdirLock(workdir)
+    locked_elsewhere = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except workdir_lib.WorkdirLockedError as err:
+            locked_elsewhere = err
+    if _agree_across_processes(locked_elsewhere is not None):
+        raise locked_elsewhere or workdir_lib.WorkdirLockedError(
+            f"workdir {workdir} is in use by another run (see process 0's message)."
+        )
+    try:
+        if config.start_over and jax.process_index() == 0:
+            workdir_lib.abandon(workdir)
+        if jax.process_count() > 1:  # the others read the workdir after process 0 moved it
+            multihost_utils.sync_global_devices("dsc_jax_prepare_workdir")
+        saved = workdir_lib.read_saved_config(workdir)
+        if saved is not None and _has_checkpoints(workdir):
+            changes = config_lib.check_resume_config(saved, config, workdir)
+            if changes:
+                logging.warning("resuming with changed settings (allowed): %s", "; ".join(changes))
+        workdir_lib.check_writable(workdir)
+        workdir_lib.check_writable(os.path.join(workdir, "checkpoints"))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    folder = os.path.join(workdir, "checkpoints")
+    try:
+        return any(name.isdigit() for name in os.listdir(folder))
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built from the config (no state yet)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Any
+    bundle: Any
+    model_cfg: Any
+    model: GPT
+    tx: Any
+    schedule: Any
+    abstract_state: TrainState
+    state_shardings: Any
+    replicated: NamedSharding
+    init_rng: jax.Array
+    dropout_rng: jax.Array
+    example: jax.ShapeDtypeStruct
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Mesh, data, model, optimiser and the abstract sharded state (no files written)."""
     if config.compilation_cache_dir:
         _enable_compilation_cache(config.compilation_cache_dir)
     mesh = make_mesh(config.mesh.shape)
     rules = rules_from_config(config.mesh)
     _check_batch_divisibility(config, mesh)
-
     try:
         bundle = build_data(
             config.data,
@@ -175,116 +317,200 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         num_train_steps=config.num_train_steps,
         router_lr_multiplier=config.router_lr_multiplier,
     )
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump({"config": config.to_dict(), "model": model_cfg.to_dict()}, f, indent=2)
-
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     micro_rows = config.batch_size // config.micro_batches
     example = jax.ShapeDtypeStruct((micro_rows, config.seq_len), jnp.int32)
     abstract_state, state_shardings = abstract_train_state(
         model, tx, init_rng, example, mesh, bank_projection=config.bank_projection, rules=rules
     )
-    replicated = NamedSharding(mesh, P())
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.keep_checkpoints,
-        async_save=config.async_checkpointing,
+    return Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        bundle=bundle,
+        model_cfg=model_cfg,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+        replicated=NamedSharding(mesh, P()),
+        init_rng=init_rng,
+        dropout_rng=dropout_rng,
+        example=example,
     )
 
-    def to_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
-        return {
-            "step": state.step,
-            "params": state.params,
-            "opt_state": state.opt_state,
-            "rng": jax.random.key_data(rng),
-        }
 
-    abstract_tree = to_tree(abstract_state, dropout_rng)
+def _to_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "rng": jax.random.key_data(rng),
+    }
+
+
+def restore_or_start(run: Run, checkpointer: Checkpointer) -> tuple[TrainState, jax.Array, bool]:
+    """The newest intact checkpoint, or a freshly initialised state.
+
+    Returns:
+      ``(state, rng, restored)``.
+
+    Raises:
+      IncompatibleCheckpointError: a checkpoint of another configuration, or inconsistent.
+      UnreadableCheckpointsError: checkpoints exist but none can be read.
+    """
+    abstract_tree = _to_tree(run.abstract_state, run.dropout_rng)
     abstract_tree["rng"] = jax.ShapeDtypeStruct(
-        abstract_tree["rng"].shape, jnp.uint32, sharding=replicated
+        abstract_tree["rng"].shape, jnp.uint32, sharding=run.replicated
     )
-    try:
-        restored = checkpointer.restore_latest(abstract_tree)
-    except BaseException:  # e.g. IncompatibleCheckpointError: release orbax's threads first
-        checkpointer.close()
-        raise
+    restored: Restored | None = checkpointer.restore_latest(abstract_tree)
     if restored is None:
         state = init_train_state(
-            model, tx, init_rng, example, state_shardings, bank_projection=config.bank_projection
+            run.model,
+            run.tx,
+            run.init_rng,
+            run.example,
+            run.state_shardings,
+            bank_projection=run.config.bank_projection,
         )
         # One global array on every process (device_put cannot target other processes'
         # devices; a jit output with a replicated sharding can).
-        rng = jax.jit(jax.random.wrap_key_data, out_shardings=replicated)(
-            np.asarray(jax.random.key_data(dropout_rng))
+        rng = jax.jit(jax.random.wrap_key_data, out_shardings=run.replicated)(
+            np.asarray(jax.random.key_data(run.dropout_rng))
         )
-        logging.info("fresh run in %s", workdir)
-    else:
-        tree = restored.tree
-        state = abstract_state.replace(
-            step=tree["step"], params=tree["params"], opt_state=tree["opt_state"]
-        )
-        rng = jax.random.wrap_key_data(tree["rng"])
-        bundle.train.set_state(restored.data_state)
-        logging.info("resumed %s from checkpoint step %d", workdir, restored.step)
-    start_step = int(jax.device_get(state.step))
-    num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+        logging.info("fresh run in %s", run.workdir)
+        return state, rng, False
+    tree = restored.tree
+    state = run.abstract_state.replace(
+        step=tree["step"], params=tree["params"], opt_state=tree["opt_state"]
+    )
+    rng = jax.random.wrap_key_data(tree["rng"])
+    run.bundle.train.set_state(restored.data_state)
+    logging.info("resumed %s from checkpoint step %d", run.workdir, restored.step)
+    return state, rng, True
+
+
+def _log_summary(run: Run) -> None:
+    num_params = sum(x.size for x in jax.tree.leaves(run.abstract_state.params))
     logging.info(
         "model: ffn=%s d=%d L=%d, %.2f M parameters | mesh %s | data: %d train / %d validation "
         "tokens, vocab %d | %d steps of %d x %d tokens",
-        model_cfg.ffn_kind,
-        model_cfg.d_model,
-        model_cfg.num_layers,
+        run.model_cfg.ffn_kind,
+        run.model_cfg.d_model,
+        run.model_cfg.num_layers,
         num_params / 1e6,
-        dict(mesh.shape),
-        len(bundle.train_tokens),
-        len(bundle.validation_tokens),
-        bundle.vocab_size,
-        config.num_train_steps,
-        config.batch_size,
-        config.seq_len,
+        dict(run.mesh.shape),
+        len(run.bundle.train_tokens),
+        len(run.bundle.validation_tokens),
+        run.bundle.vocab_size,
+        run.config.num_train_steps,
+        run.config.batch_size,
+        run.config.seq_len,
     )
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (or resume) the run in ``workdir`` as described by ``config``.
+
+    Args:
+      config: a training config (see :func:`dsc_jax.train.config.base_config`).
+      workdir: run folder; ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
+        ``config.json`` go there. An existing run there is resumed.
+
+    Returns:
+      ``{"status": "completed" | "interrupted", "step": last step, "final": last metrics}``.
+
+    Raises:
+      ValueError: bad configuration (before any compute), changed settings on resume, or a
+        checkpoint of another config.
+      WorkdirError: the workdir is locked by another run, or not writable.
+      UnreadableCheckpointsError: checkpoints exist but none can be read.
+      CheckpointWriteError: a checkpoint could not be written (the last good one is kept).
+      DataSetupError: the data could not be built.
+      NonFiniteLossError: the training loss or the state became NaN/Inf (names the step).
+    """
+    config_lib.validate_config(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    lock = prepare_workdir(config, workdir)
+    try:
+        run = build_run(config, workdir)
+        checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=config.keep_checkpoints,
+            async_save=config.async_checkpointing,
+        )
+        try:
+            state, rng, restored = restore_or_start(run, checkpointer)
+            if jax.process_index() == 0:  # every check passed: now the run is ours
+                workdir_lib.write_config(
+                    workdir, {"config": config.to_dict(), "model": run.model_cfg.to_dict()}
+                )
+            _log_summary(run)
+            result = train_loop(run, checkpointer, state, rng, restored)
+        except BaseException:
+            try:
+                checkpointer.close()
+            except Exception as err:  # the error in flight is the one to report
+                logging.warning("%s", err)
+            raise
+        checkpointer.close()  # the final save is on disk (or CheckpointWriteError)
+        return result
+    finally:
+        lock.release()
+
+
+def train_loop(
+    run: Run, checkpointer: Checkpointer, state: TrainState, rng: jax.Array, restored: bool
+) -> dict[str, Any]:
+    """Steps ``state.step + 1 .. num_train_steps`` with logging, evaluation, checkpoints and
+    the stop-on-signal protocol; returns like :func:`train_and_evaluate`."""
+    config, mesh, bundle = run.config, run.mesh, run.bundle
     train_step = jax.jit(
         functools.partial(
-            steps.train_step,
+            checked_train_step,
             loss_weights=LossWeights(**config.losses.to_dict()),
             micro_batches=config.micro_batches,
-            lr_schedule=schedule,
+            lr_schedule=run.schedule,
             router_lr_multiplier=config.router_lr_multiplier,
         ),
-        in_shardings=(state_shardings, shard_batch_spec(mesh), replicated),
-        out_shardings=(state_shardings, replicated),
+        in_shardings=(run.state_shardings, shard_batch_spec(mesh), run.replicated),
+        out_shardings=(run.state_shardings, run.replicated),
         donate_argnums=0,
     )
-    evaluate = _make_evaluator(config, bundle, model, mesh, state_shardings.params)
-
+    evaluate = _make_evaluator(config, bundle, run.model, mesh, run.state_shardings.params)
+    start_step = int(jax.device_get(state.step))
     writer = MetricsWriter(
-        workdir, total_steps=config.num_train_steps, enabled=is_main, resume_step=start_step
+        run.workdir,
+        total_steps=config.num_train_steps,
+        enabled=jax.process_index() == 0,
+        resume_step=start_step,
     )
     tokens_per_step = config.batch_size * config.seq_len
     total = config.num_train_steps
     status, last_record = "completed", {}
-    last_saved = start_step if restored is not None else None
-    pending: list[tuple[int, jax.Array]] = []
+    last_saved = start_step if restored else None
+    pending: list[tuple[int, jax.Array, jax.Array]] = []
     interval_start, interval_steps = None, 0
 
     def check_finite() -> None:
         bad = _first_nonfinite(pending) if pending else None
         pending.clear()
         if bad is not None:
-            saved = checkpointer.all_steps()
-            raise NonFiniteLossError(
-                f"training loss is {bad[1]} at step {bad[0]}; stopping. The last good "
-                f"checkpoint ({saved[-1] if saved else 'none'}) in {checkpointer.directory} "
-                "is kept; lower the learning rate or check the data before resuming."
+            error = (
+                NonFiniteLossError if bad[1].startswith("training loss") else NonFiniteStateError
+            )
+            raise error(
+                f"{bad[1]} at step {bad[0]}; stopping. The last good checkpoint "
+                f"({checkpointer.latest_step_text()}) in {checkpointer.directory} is kept; "
+                "lower the learning rate or check the data before resuming."
             )
 
     def save(step: int) -> None:
         nonlocal last_saved
         if last_saved != step:
-            checkpointer.save(step, to_tree(state, rng), bundle.train.get_state())
+            check_finite()  # never save a bad state
+            checkpointer.save(step, _to_tree(state, rng), bundle.train.get_state())
             last_saved = step
 
     try:
@@ -294,12 +520,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for step in range(start_step + 1, total + 1):
                 batch = shard_batch(next(bundle.train), mesh)
                 state, metrics = train_step(state, batch, rng)
-                pending.append((step, metrics["train_loss"]))
+                pending.append((step, metrics["train_loss"], metrics.pop("state_finite")))
                 if interval_start is None:  # first step of this run: exclude compilation
                     jax.block_until_ready(metrics)
                     interval_start, interval_steps = time.perf_counter(), 0
                 else:
                     interval_steps += 1
+                checkpointer.check_for_errors()  # a failed background save stops the run now
                 last = step == total
                 # One snapshot per step: a signal arriving later in this step is acted on
                 # after the next step (save first, then stop), never half-way.
@@ -327,7 +554,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     writer.write(step, record)
                     last_record = record
                 if do_save:
-                    check_finite()
                     save(step)
                 if do_log or do_save:
                     interval_start, interval_steps = time.perf_counter(), 0
@@ -337,7 +563,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     break
             check_finite()
     finally:
-        checkpointer.close()
         writer.close()
     final_step = int(jax.device_get(state.step))
     return {"status": status, "step": final_step, "final": last_record}
