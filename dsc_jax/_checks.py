@@ -55,9 +55,3 @@ def check_float_input(owner: str, x: Any, features: int | None = None) -> None:
             f"the parameters' model dimension {features}."
         )
 
-
-def check_finite_positive(owner: str, field: str, value: Any) -> None:
-    """Raise unless ``value`` is a finite real number > 0 (``inf`` and ``nan`` are refused)."""
-    check_positive_float(owner, field, value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}.{field}={value!r} is invalid; expected a finite number > 0.")

@@ -54,8 +54,7 @@ def _set(config, dotted: str, value) -> None:
         ("mesh.shape", (2, -1, -1), "mesh.shape=(2, -1, -1) is invalid"),
         ("mesh.logical_axis_rules", "bases=nowhere", "mesh.logical_axis_rules='bases=nowhere'"),
         ("mesh.logical_axis_rules", "base=tensor", "unknown logical name 'base'"),
-        ("model.dsc_tau", float("inf"), "GPTConfig.dsc_tau=inf is invalid; expected a finite"),
-        ("model.dsc_tau", float("nan"), "GPTConfig.dsc_tau=nan is invalid"),
+        ("model.dsc.tau", float("nan"), "model.dsc: DSCLayer.tau=nan is invalid"),
         ("start_over", "yes", "config.start_over='yes' is not allowed"),
     ],
 )

@@ -93,10 +93,10 @@ class DSCLayer(nn.Module):
         common.check_common_fields(self)
         _checks.check_choice(name, "variant", self.variant, VARIANTS)
         _checks.check_choice(name, "compute", self.compute, COMPUTE_MODES)
-        _checks.check_finite_positive(name, "tau", self.tau)
-        _checks.check_finite_positive(name, "eps", self.eps)
+        _checks.check_positive_float(name, "tau", self.tau)
+        _checks.check_positive_float(name, "eps", self.eps)
         _checks.check_positive_float(name, "budget_target", self.budget_target, allow_zero=True)
-        _checks.check_finite_positive(name, "bank_init_scale", self.bank_init_scale)
+        _checks.check_positive_float(name, "bank_init_scale", self.bank_init_scale)
         super().__post_init__()
 
     @nn.compact
