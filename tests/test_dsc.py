@@ -250,7 +250,7 @@ def test_dropout_only_in_training():
         ({"top_k": 0}, "top_k"),
         ({"top_k": NUM_BASES + 1}, "top_k"),
         ({"num_bases": 0}, "num_bases"),
-        ({"static_dim": 0}, "static_dim"),
+        ({"hidden_dim": 0}, "hidden_dim"),
         ({"tau": 0.0}, "tau"),
         ({"tau": -1.0}, "tau"),
         ({"eps": 0.0}, "eps"),

@@ -28,7 +28,7 @@ def rng_key(seed: int) -> jax.Array:
 
 
 def make(**overrides) -> MoELayer:
-    config = {"num_experts": E, "top_k": K, "expert_dim": H, "out_init_std": 0.1}
+    config = {"num_experts": E, "top_k": K, "hidden_dim": H, "out_init_std": 0.1}
     return MoELayer(**{**config, **overrides})
 
 
@@ -46,7 +46,7 @@ def random_params(seed: int = 0) -> dict:
 
     return {
         "router_norm": {"scale": 1.0 + normal((D,), 0.1), "bias": normal((D,), 0.1)},
-        "gate": {"kernel": normal((D, E), 1 / math.sqrt(D))},
+        "router": {"kernel": normal((D, E), 1 / math.sqrt(D))},
         "expert_in": normal((E, D, H), 1 / math.sqrt(D)),
         "expert_out": normal((E, H, D), 1 / math.sqrt(H)),
     }
@@ -64,7 +64,7 @@ def np_moe(params: dict, x: jax.Array, top_k: int = K, capacity: int | None = No
     var = ((tokens - mean) ** 2).mean(-1, keepdims=True)
     normed = (tokens - mean) / np.sqrt(var + 1e-5) * p64["router_norm"]["scale"]
     normed = normed + p64["router_norm"]["bias"]
-    logits = normed @ p64["gate"]["kernel"]
+    logits = normed @ p64["router"]["kernel"]
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     indices = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
@@ -107,7 +107,7 @@ def test_param_tree_shapes_logical_axes_and_init():
     variables = jax.jit(layer.init)(rng_key(0), inputs())
     assert nn.get_partition_spec(variables)["params"] == {
         "router_norm": {"scale": P("embed"), "bias": P("embed")},
-        "gate": {"kernel": P("embed", "experts")},
+        "router": {"kernel": P("embed", "experts")},
         "expert_in": P("experts", "embed", "mlp"),
         "expert_out": P("experts", "mlp", "embed"),
     }
@@ -118,7 +118,7 @@ def test_param_tree_shapes_logical_axes_and_init():
     # >= 2048 samples for the experts: sample std within a few % of the target.
     np.testing.assert_allclose(np.std(params["expert_in"]), 0.02, rtol=0.1)
     np.testing.assert_allclose(np.std(params["expert_out"]), 0.1, rtol=0.1)
-    np.testing.assert_allclose(np.std(params["gate"]["kernel"]), 0.02, rtol=0.25)  # 64 samples
+    np.testing.assert_allclose(np.std(params["router"]["kernel"]), 0.02, rtol=0.25)  # 64 samples
     # Boxed and unboxed trees give the same output (one compilation for both).
     boxed, unboxed = jax.jit(lambda v, p, x: (layer.apply(v, x), layer.apply(p, x)))(
         {"params": variables["params"]}, {"params": params}, inputs()
@@ -247,7 +247,7 @@ def test_bf16_compute_close_to_f32():
         ({"num_experts": 0}, "num_experts"),
         ({"top_k": 0}, "top_k"),
         ({"top_k": E + 1}, "top_k"),
-        ({"expert_dim": 0}, "expert_dim"),
+        ({"hidden_dim": 0}, "hidden_dim"),
         ({"dispatch": "sparse"}, "dispatch"),
         ({"capacity_factor": 0.0}, "capacity_factor"),
         ({"jitter_std": -0.01}, "jitter_std"),
