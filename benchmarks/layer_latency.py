@@ -1,7 +1,7 @@
 """Per-layer FFN latency: DSC vs MoE vs MoLoRA vs Dense, each against a same-FLOPs GEMM.
 
 At the paper's configuration (input ``16×256×384``; spec §6/§9 sizes, taken from the
-:mod:`dsc_jax.layers.configs` defaults) this times, for every implementation, the median
+:class:`dsc_jax.gpt.GPTConfig` defaults) this times, for every implementation, the median
 forward and forward+backward latency of one jit-compiled layer, and the same for a
 "GEMM-equivalent": one ``[N, d] × [d, F / (2 N d)]`` matmul whose FLOPs ``F`` equal the forward
 matmul FLOPs the implementation executes (formulas in :func:`build_implementations`). The
@@ -25,6 +25,11 @@ computed) and the layers run with ``deterministic=True``. ``--with_losses`` time
 path instead: ``deterministic=False`` (MoE logit jitter) with the ``"losses"`` collection
 mutable, and the weighted regulariser total (spec §3 weights) added to the objective.
 
+Code: FLOP formulas and the timed layers in ``flops.py``, compilation and interleaved
+timing in ``harness.py``, the DSC per-part breakdown in ``dsc_breakdown.py``; this script
+builds the table. With ``dsc_gather`` selected, the DSC parts (router, top-K, contraction,
+static FFN, regularisers) are timed in the same rounds (``dsc_breakdown`` in the JSON).
+
 Usage::
 
     python benchmarks/layer_latency.py                      # paper config, float32, CPU
@@ -43,205 +48,39 @@ import pathlib
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(_REPO_ROOT))
+_HERE = pathlib.Path(__file__).resolve().parent
+_REPO_ROOT = _HERE.parent
+for _path in (_REPO_ROOT, _HERE):  # run as a script from a checkout; sibling modules
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
+import dsc_breakdown  # noqa: E402
 import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from dsc_jax.layers.configs import FFN_CONFIGS  # noqa: E402
-from dsc_jax.layers.dense import DenseFFN  # noqa: E402
-from dsc_jax.layers.dsc import AUTO_DENSE_MAX_BASES_PER_ACTIVE, DSCLayer, resolve_compute  # noqa: E402
-from dsc_jax.layers.losses import LossWeights, regularization_loss  # noqa: E402
-from dsc_jax.layers.moe import MoELayer, expert_capacity  # noqa: E402
-from dsc_jax.layers.molora import MoLoRALayer  # noqa: E402
-
-IMPLEMENTATIONS = (
-    "dsc_gather",
-    "dsc_dense",
-    "moe_dense",
-    "moe_dropless",
-    "moe_capacity",
-    "molora",
-    "dense",
+from flops import IMPLEMENTATIONS, LayerSizes, build_implementations, gemm_columns  # noqa: E402
+from harness import (  # noqa: E402
+    FAST_COMPILE_OPTIONS,
+    Key,
+    compile_runner,
+    gemm_functions,
+    layer_functions,
+    paired_ratio,
+    time_round_robin,
 )
+
+from dsc_jax.layers.dsc import AUTO_DENSE_MAX_BASES_PER_ACTIVE, resolve_compute  # noqa: E402
+from dsc_jax.layers.moe import expert_capacity, resolve_dispatch  # noqa: E402
+
 REFERENCE = "dense"  # always timed: every ``*_ratio_dense`` divides by it
 PASSES = ("fwd", "fwd_bwd")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-FAST_COMPILE_OPTIONS = {
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-}
 DEFAULT_OUT = _REPO_ROOT / "benchmarks" / "results" / "layer_latency.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSizes:
-    """FFN sizes of every layer kind (defaults: :class:`GPTConfig`'s paper/iso-active ones)."""
-
-    dense_hidden_dim: int
-    moe_num_experts: int
-    moe_top_k: int
-    moe_hidden_dim: int
-    moe_capacity_factor: float
-    molora_num_experts: int
-    molora_rank: int
-    molora_top_k: int
-    molora_hidden_dim: int
-    dsc_num_bases: int
-    dsc_top_k: int
-    dsc_hidden_dim: int
-    dsc_variant: str
-
-    @classmethod
-    def paper(cls) -> LayerSizes:
-        """Dense H=2611; MoE E=5, k=2, H_e=545; DSC M=1523, K=4, H=327 (refined); MoLoRA from
-        :func:`dsc_jax.solve_iso_active` at the same 35 M / 28 M budgets."""
-        defaults = {
-            f"{kind}_{name}": value
-            for kind, ffn in FFN_CONFIGS.items()
-            for name, value in ffn().to_dict().items()
-        }
-        return cls(**{field.name: defaults[field.name] for field in dataclasses.fields(cls)})
-
-    def replace(self, assignments: Sequence[str]) -> LayerSizes:
-        """Copy with ``"field=value"`` overrides (value parsed as the field's type)."""
-        updates: dict[str, Any] = {}
-        current = dataclasses.asdict(self)
-        for item in assignments:
-            key, sep, text = item.partition("=")
-            if not sep or key not in current:
-                raise ValueError(
-                    f"--set {item!r} is invalid; expected FIELD=VALUE with FIELD one of "
-                    f"{sorted(current)}."
-                )
-            updates[key] = type(current[key])(text)
-        return dataclasses.replace(self, **updates)
-
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    """One timed layer.
-
-    Attributes:
-      name: key in the results (one of :data:`IMPLEMENTATIONS`).
-      module: the Flax layer.
-      flops: forward matmul FLOPs the implementation executes (basis of its GEMM-equivalent).
-      flops_active: forward matmul FLOPs of the routed work only (top-k experts / atoms), i.e.
-        what an ideal sparse kernel would execute.
-      formula: ``flops`` as a formula.
-    """
-
-    name: str
-    module: nn.Module
-    flops: int
-    flops_active: int
-    formula: str
-
-
-def build_implementations(
-    sizes: LayerSizes, num_tokens: int, d_model: int, dtype: Any, param_dtype: Any
-) -> dict[str, Implementation]:
-    """Every implementation with its analytic forward matmul FLOPs.
-
-    FLOPs count ``2·m·n·k`` per ``[m,k]×[k,n]`` contraction (einsums included, element-wise
-    work, LayerNorm, GELU, softmax and top-k excluded); ``N`` tokens, width ``d``:
-
-    * dense: ``4·N·d·H`` (``x W1``, ``h W2``).
-    * DSC: static FFN ``4·N·d·H`` + router ``2·N·d·M`` + contraction, ``gather``: ``4·N·K·d``
-      (``x·u_j`` and ``Σ c_j v_j`` over the K gathered atoms), ``dense``: ``4·N·M·d`` (``x Uᵀ``
-      and ``c V`` over all M atoms with a K-sparse ``c``).
-    * MoE: gate ``2·N·d·E`` + experts, ``dense``: ``4·E·N·d·H_e`` + combine ``2·N·k·E`` (one-hot
-      einsum) + ``2·N·E·d``; ``dropless``: ``4·N·k·d·H_e`` (ragged dots over the ``N·k`` slots)
-      + combine ``2·N·k·d``; ``capacity``: ``4·E·C·d·H_e`` with ``C = ceil(cf·N·k/E)`` + combine
-      ``2·N·k·d``.
-    * MoLoRA: static FFN ``4·N·d·H`` + router ``2·N·d·E`` + experts ``4·N·E·d·r`` (``x A_e``
-      for every expert, then the gate-masked ``[N, E·r] × [E·r, d]`` contraction; the routed
-      share is ``4·N·k·d·r``).
-    """
-    n, d = num_tokens, d_model
-    common = {"dtype": dtype, "param_dtype": param_dtype}
-    impls: dict[str, Implementation] = {}
-
-    h = sizes.dense_hidden_dim
-    flops = 4 * n * d * h
-    impls["dense"] = Implementation(
-        "dense", DenseFFN(hidden_dim=h, **common), flops, flops, "4·N·d·H"
-    )
-
-    m, k, h = sizes.dsc_num_bases, sizes.dsc_top_k, sizes.dsc_hidden_dim
-    base = 4 * n * d * h + 2 * n * d * m
-    for mode, contraction, text in (
-        ("gather", 4 * n * k * d, "4·N·d·H + 2·N·d·M + 4·N·K·d"),
-        ("dense", 4 * n * m * d, "4·N·d·H + 2·N·d·M + 4·N·M·d"),
-    ):
-        layer = DSCLayer(
-            num_bases=m,
-            top_k=k,
-            hidden_dim=h,
-            variant=sizes.dsc_variant,
-            compute=mode,
-            **common,
-        )
-        impls[f"dsc_{mode}"] = Implementation(
-            f"dsc_{mode}", layer, base + contraction, base + 4 * n * k * d, text
-        )
-
-    e, k, h = sizes.moe_num_experts, sizes.moe_top_k, sizes.moe_hidden_dim
-    capacity = expert_capacity(sizes.moe_capacity_factor, n, k, e)
-    gate = 2 * n * d * e
-    active = gate + 4 * n * k * d * h + 2 * n * k * d
-    for mode, flops, text in (
-        (
-            "dense",
-            gate + 4 * e * n * d * h + 2 * n * k * e + 2 * n * e * d,
-            "2·N·d·E + 4·E·N·d·H_e + 2·N·k·E + 2·N·E·d",
-        ),
-        ("dropless", active, "2·N·d·E + 4·N·k·d·H_e + 2·N·k·d"),
-        (
-            "capacity",
-            gate + 4 * e * capacity * d * h + 2 * n * k * d,
-            f"2·N·d·E + 4·E·C·d·H_e + 2·N·k·d (C={capacity})",
-        ),
-    ):
-        layer = MoELayer(
-            num_experts=e,
-            top_k=k,
-            hidden_dim=h,
-            dispatch=mode,
-            capacity_factor=sizes.moe_capacity_factor,
-            **common,
-        )
-        impls[f"moe_{mode}"] = Implementation(f"moe_{mode}", layer, flops, active, text)
-
-    e, k, r, h = (
-        sizes.molora_num_experts,
-        sizes.molora_top_k,
-        sizes.molora_rank,
-        sizes.molora_hidden_dim,
-    )
-    base = 4 * n * d * h + 2 * n * d * e
-    layer = MoLoRALayer(num_experts=e, rank=r, top_k=k, hidden_dim=h, **common)
-    impls["molora"] = Implementation(
-        "molora",
-        layer,
-        base + 4 * n * e * d * r,
-        base + 4 * n * k * d * r,
-        "4·N·d·H + 2·N·d·E + 4·N·E·d·r",
-    )
-    return impls
-
-
-def gemm_columns(flops: int, num_tokens: int, d_model: int) -> int:
-    """Output width of the GEMM-equivalent ``[N, d] × [d, F / (2 N d)]`` (rounded, >= 1)."""
-    return max(1, round(flops / (2 * num_tokens * d_model)))
+__all__ = ["IMPLEMENTATIONS", "LayerSizes", "main", "run_benchmark", "select"]
 
 
 def select(only: str | None) -> list[str]:
@@ -259,103 +98,6 @@ def select(only: str | None) -> list[str]:
             )
         chosen.update(matches)
     return [name for name in IMPLEMENTATIONS if name in chosen]
-
-
-def layer_functions(
-    module: nn.Module, with_losses: bool
-) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Jitted ``fwd(params, x, key)`` and ``fwd_bwd(params, x, key, cotangent)`` of a layer.
-
-    ``fwd_bwd`` returns the parameter and input gradients of ``Σ y ⊙ cotangent`` (+ the weighted
-    regulariser total with ``with_losses``).
-    """
-
-    def forward(params: Any, x: jax.Array, key: jax.Array) -> Any:
-        if not with_losses:  # inference path: "losses" immutable, nothing computed
-            return module.apply({"params": params}, x)
-        y, state = module.apply(
-            {"params": params},
-            x,
-            deterministic=False,
-            rngs={"dropout": key},
-            mutable=["losses"],
-        )
-        total, _ = regularization_loss(state.get("losses"), LossWeights(), allow_empty=True)
-        return y, total
-
-    def forward_backward(params: Any, x: jax.Array, key: jax.Array, cotangent: jax.Array) -> Any:
-        out, vjp = jax.vjp(lambda p, inputs: forward(p, inputs, key), params, x)
-        if with_losses:
-            y, total = out
-            return vjp((cotangent.astype(y.dtype), jnp.ones_like(total)))
-        return vjp(cotangent.astype(out.dtype))
-
-    return jax.jit(forward), jax.jit(forward_backward)
-
-
-def gemm_functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Jitted ``fwd(x, w) = x @ w`` and ``fwd_bwd(x, w, cotangent)`` (gradients of ``x`` and
-    ``w`` of ``Σ (x @ w) ⊙ cotangent``)."""
-
-    def forward(x: jax.Array, w: jax.Array) -> jax.Array:
-        return x @ w
-
-    def forward_backward(x: jax.Array, w: jax.Array, cotangent: jax.Array) -> Any:
-        out, vjp = jax.vjp(forward, x, w)
-        return vjp(cotangent.astype(out.dtype))
-
-    return jax.jit(forward), jax.jit(forward_backward)
-
-
-def _compile(
-    fn: Callable[..., Any], *args: Any, options: dict[str, Any] | None = None
-) -> tuple[Callable[[], Any], float]:
-    """Ahead-of-time compile ``fn(*args)`` (XLA ``options``); returns a no-argument runner and
-    the compile seconds."""
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile(compiler_options=options)  # type: ignore[attr-defined]
-    seconds = time.perf_counter() - start
-    return (lambda: compiled(*args)), seconds
-
-
-Key = tuple[str, str]  # (timer name, pass)
-
-
-def time_round_robin(
-    runners: dict[Key, Callable[[], Any]],
-    blocks: Sequence[Sequence[Key]],
-    iters: int,
-    warmup: int,
-    log: Callable[[str], None] = print,
-) -> dict[Key, list[float]]:
-    """Milliseconds of ``iters`` blocked calls of every runner, interleaved.
-
-    Every round calls each block of runners (an implementation's passes next to its
-    GEMM-equivalent's, so that each pair is measured under the same machine load) once. The
-    first block of a round is one later than in the previous round, and odd rounds run each
-    block back to front, so neither position nor order favours anyone. The first ``warmup``
-    rounds are discarded; ``samples[key][i]`` is round ``i`` for every key.
-    """
-    samples: dict[Key, list[float]] = {key: [] for block in blocks for key in block}
-    start_all = time.perf_counter()
-    for rep in range(warmup + iters):
-        if rep:
-            log(f"  round {rep}/{warmup + iters} done ({time.perf_counter() - start_all:.0f} s)")
-        shift = rep % len(blocks)
-        for block in [*blocks[shift:], *blocks[:shift]]:
-            for key in block if rep % 2 == 0 else reversed(block):
-                run = runners[key]
-                start = time.perf_counter()
-                jax.block_until_ready(run())
-                elapsed_ms = (time.perf_counter() - start) * 1e3
-                if rep >= warmup:
-                    samples[key].append(elapsed_ms)
-    return samples
-
-
-def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
-    """Median over rounds of the per-round ratio (both measured in the same round)."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def run_benchmark(
@@ -405,11 +147,13 @@ def run_benchmark(
     for name in names:
         impl = impls[name]
         log(f"compiling {name} ...")
-        init, _ = _compile(jax.jit(impl.module.init), {"params": key_init}, x, options=options)
+        init, _ = compile_runner(
+            jax.jit(impl.module.init), {"params": key_init}, x, options=options
+        )
         params = jax.device_put(nn.unbox(init()["params"]), device)
         fwd, fwd_bwd = layer_functions(impl.module, with_losses)
-        runners[(name, "fwd")], t_fwd = _compile(fwd, params, x, key_rng, options=options)
-        runners[(name, "fwd_bwd")], t_bwd = _compile(
+        runners[(name, "fwd")], t_fwd = compile_runner(fwd, params, x, key_rng, options=options)
+        runners[(name, "fwd_bwd")], t_bwd = compile_runner(
             fwd_bwd, params, x, key_rng, cotangent, options=options
         )
         compile_s[name] = {"fwd": round(t_fwd, 3), "fwd_bwd": round(t_bwd, 3)}
@@ -422,13 +166,33 @@ def run_benchmark(
             gemm_cot = jax.random.normal(jax.random.fold_in(key_c, cols), (num_tokens, cols))
             gemm_cot = jax.device_put(gemm_cot, device)
             gemm_runners[cols] = {
-                "fwd": _compile(gemm_fwd, x_flat, w, options=options)[0],
-                "fwd_bwd": _compile(gemm_fwd_bwd, x_flat, w, gemm_cot, options=options)[0],
+                "fwd": compile_runner(gemm_fwd, x_flat, w, options=options)[0],
+                "fwd_bwd": compile_runner(gemm_fwd_bwd, x_flat, w, gemm_cot, options=options)[0],
             }
         gemm = f"gemm:{name}"
         for kind in PASSES:
             runners[(gemm, kind)] = gemm_runners[cols][kind]
         blocks.append([(name, "fwd"), (gemm, "fwd"), (name, "fwd_bwd"), (gemm, "fwd_bwd")])
+
+    breakdown_parts: list[str] = []
+    if "dsc_gather" in names:
+        log("compiling the DSC parts ...")
+        dsc = impls["dsc_gather"]
+        init, _ = compile_runner(jax.jit(dsc.module.init), {"params": key_init}, x, options=options)
+        dsc_params = nn.unbox(init()["params"])
+        for part, (fwd, fwd_bwd, args, bwd_args) in dsc_breakdown.parts(
+            dsc.module, dsc_params, x, key_rng
+        ).items():
+            block = []
+            runners[(f"part:{part}", "fwd")] = compile_runner(fwd, *args, options=options)[0]
+            block.append((f"part:{part}", "fwd"))
+            if fwd_bwd is not None:
+                runners[(f"part:{part}", "fwd_bwd")] = compile_runner(
+                    fwd_bwd, *bwd_args, options=options
+                )[0]
+                block.append((f"part:{part}", "fwd_bwd"))
+            blocks.append(block)
+            breakdown_parts.append(part)
 
     log(f"timing {len(runners)} functions: {warmup} warm-up + {iters} timed rounds ...")
     samples = time_round_robin(runners, blocks, iters, warmup, log)
@@ -454,6 +218,16 @@ def run_benchmark(
         )
         results[name] = entry
 
+    breakdown: dict[str, dict[str, float]] = {}
+    for part in breakdown_parts:
+        entry = {}
+        for kind in PASSES:
+            mine = samples.get((f"part:{part}", kind))
+            if mine:
+                entry[f"{kind}_ms"] = statistics.median(mine)
+                entry[f"{kind}_share"] = paired_ratio(mine, samples[("dsc_gather", kind)])
+        breakdown[part] = entry
+
     meta = {
         "device_kind": device.device_kind,
         "platform": device.platform,
@@ -474,6 +248,9 @@ def run_benchmark(
         ),
         "dsc_auto_resolves_to": resolve_compute("auto", sizes.dsc_num_bases, sizes.dsc_top_k),
         "dsc_auto_dense_max_bases_per_active": AUTO_DENSE_MAX_BASES_PER_ACTIVE,
+        "moe_auto_resolves_to": resolve_dispatch(
+            "auto", sizes.moe_num_experts, sizes.moe_top_k, device.platform
+        ),
         "iters": iters,
         "warmup": warmup,
         "with_losses": with_losses,
@@ -485,7 +262,7 @@ def run_benchmark(
         "fwd_bwd": "VJP w.r.t. params and x with a fixed random cotangent",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    return {"metadata": meta, "results": results}
+    return {"metadata": meta, "results": results, "dsc_breakdown": breakdown}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -512,6 +289,16 @@ def format_table(report: dict[str, Any]) -> str:
         f"median of {meta['iters']} (+{meta['warmup']} warm-up), losses "
         f"{'on' if meta['with_losses'] else 'off'}, dsc auto -> {meta['dsc_auto_resolves_to']}"
     )
+    if report.get("dsc_breakdown"):
+        lines.append("")
+        lines.append(f"{'dsc part':<13} {'fwd ms':>9} {'/layer':>7} {'f+b ms':>9} {'/layer':>7}")
+        for part, r in report["dsc_breakdown"].items():
+            fb = (
+                f"{r['fwd_bwd_ms']:>9.2f} {r['fwd_bwd_share']:>7.2f}"
+                if "fwd_bwd_ms" in r
+                else f"{'-':>9} {'-':>7}"
+            )
+            lines.append(f"{part:<13} {r['fwd_ms']:>9.2f} {r['fwd_share']:>7.2f} {fb}")
     return "\n".join(lines)
 
 

@@ -54,4 +54,3 @@ def check_float_input(owner: str, x: Any, features: int | None = None) -> None:
             f"{owner}: input last dimension {x.shape[-1]} (shape {tuple(x.shape)}) does not match "
             f"the parameters' model dimension {features}."
         )
-

@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/layer_latency.py on tiny configurations (JSON schema, flags).
+"""Smoke tests of benchmarks/ (layer_latency.py, flops.py, harness.py, dsc_breakdown.py)
+on tiny configurations (JSON schema, flags).
 
 Run in-process with XLA backend optimisation off (``--fast_compile``): they check the
 plumbing and the schema, not speed.
@@ -89,7 +90,14 @@ def test_layer_latency_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixt
     # dense: 4·N·d·H; DSC dense path: 4·N·d·H + 2·N·d·M + 4·N·M·d.
     assert results["dense"]["flops"] == 4 * 16 * 16 * 64
     assert results["dsc_dense"]["flops"] == 4 * 16 * 16 * 32 + 6 * 16 * 16 * 32
+    breakdown = report["dsc_breakdown"]
+    assert set(breakdown) == {"router", "top_k", "contract", "static_ffn", "regularisers"}
+    for part, entry in breakdown.items():
+        assert _positive(entry["fwd_ms"]) and _positive(entry["fwd_share"]), part
+        assert (part == "top_k") or _positive(entry["fwd_bwd_ms"]), part
+    assert "part:" not in stdout and "static_ffn" in stdout
     meta = report["metadata"]
+    assert meta["moe_auto_resolves_to"] in ("dense", "dropless")
     for key in ("device_kind", "jax_version", "dtype", "input_shape", "iters", "date"):
         assert key in meta, key
     assert meta["dtype"] == "float32"

@@ -129,7 +129,10 @@ def test_param_tree_shapes_logical_axes_and_init():
 class MoEVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(
-        ("dense", {"dispatch": "dense"}), ("dropless", {}), ("capacity_no_drop", NO_DROP)
+        ("dense", {"dispatch": "dense"}),
+        ("dropless", {"dispatch": "dropless"}),
+        ("auto", {}),
+        ("capacity_no_drop", NO_DROP),
     )
     def test_matches_numpy(self, overrides):
         params, x = random_params(), inputs()
@@ -158,7 +161,8 @@ def test_dispatch_modes_agree_including_gradients():
 
     @jax.jit
     def all_grads(p):  # one compilation for the three modes
-        return [jax.grad(loss)(p, make(**o)) for o in ({"dispatch": "dense"}, {}, NO_DROP)]
+        modes = ({"dispatch": "dense"}, {"dispatch": "dropless"}, {}, NO_DROP)
+        return [jax.grad(loss)(p, make(**o)) for o in modes]
 
     grads = all_grads(params)
     for leaf in jax.tree.leaves(grads[0]):
@@ -268,3 +272,14 @@ def test_bad_inputs_raise():
         make().apply(variables, jnp.float32(1.0))
     with pytest.raises(ValueError, match="last dimension 8"):
         make().apply(variables, jnp.ones((2, 8)))
+
+
+def test_auto_dispatch_rule():
+    from dsc_jax.layers.moe import resolve_dispatch
+
+    assert MoELayer(num_experts=5, top_k=2, hidden_dim=4).dispatch == "auto"
+    assert resolve_dispatch("auto", 5, 2, "cpu") == "dense"
+    assert resolve_dispatch("auto", 64, 2, "cpu") == "dropless"
+    assert resolve_dispatch("auto", 5, 2, "gpu") == "dropless"
+    assert resolve_dispatch("auto", 3, 2, "tpu") == "dense"
+    assert resolve_dispatch("capacity", 5, 2, "cpu") == "capacity"

@@ -91,7 +91,7 @@ class MoEConfig(_FFNConfig):
     num_experts: int = paper.MOE_NUM_EXPERTS
     top_k: int = paper.MOE_TOP_K
     hidden_dim: int = paper.MOE_HIDDEN
-    dispatch: str = "dropless"
+    dispatch: str = "auto"
     capacity_factor: float = 1.25
     jitter_std: float = paper.MOE_JITTER_STD
     out_init_std: float | None = None

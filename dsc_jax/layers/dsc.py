@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dsc_jax import _checks, paper
-from dsc_jax.layers import common, dsc_router
+from dsc_jax.layers import common, dsc_contract, dsc_router
 
 VARIANTS = ("refined", "basic")
 COMPUTE_MODES = ("auto", "gather", "dense")
@@ -132,15 +132,26 @@ class DSCLayer(nn.Module):
         router_in = x.astype(jnp.float32)
         if self.variant == "refined":
             router_in = common.router_layer_norm(self.param_dtype)(router_in)
-        raw_logits = nn.Dense(
+        router = nn.Dense(
             self.num_bases,
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
             kernel_init=common.normal(self.init_std, ("embed", "bases")),
             bias_init=common.logical(nn.initializers.zeros, ("bases",)),
             name="router",
-        )(router_in)  # [N, M]
-        routing = dsc_router.route(raw_logits, self.top_k, self.tau, self.eps)
+        )
+        raw_logits = router(router_in)  # [N, M]
+        router_params = nn.unbox(router.variables["params"])
+
+        def selected_gradient(selected: jax.Array, indices: jax.Array) -> jax.Array:
+            # φ's gradient over the K selected router columns only (O(N K d), not O(N M d)).
+            return dsc_contract.sparse_logit_gradient(
+                selected, router_in, router_params["kernel"], router_params["bias"], indices
+            )
+
+        routing = dsc_router.route(
+            raw_logits, self.top_k, self.tau, self.eps, selected_gradient=selected_gradient
+        )
 
         # Bank, normalised in the forward pass too (imported banks stay valid).
         bank_init = common.orthogonal(self.bank_init_scale, ("bases", "embed"))
@@ -198,13 +209,9 @@ class DSCLayer(nn.Module):
         unit_v = unit_v.astype(self.dtype)
         mode = resolve_compute(self.compute, self.num_bases, self.top_k)
         if mode == "gather":
-            selected_u = jnp.take(unit_u, routing.indices, axis=0)  # [N, K, d]
-            selected_v = jnp.take(unit_v, routing.indices, axis=0)  # [N, K, d]
-            projections = jnp.einsum(
-                "nd,nkd->nk", x, selected_u, preferred_element_type=jnp.float32
+            return dsc_contract.gathered_contraction(
+                x, unit_u, unit_v, routing.indices, routing.coefficients
             )
-            coefficients = (projections * routing.coefficients).astype(self.dtype)  # [N, K]
-            return jnp.einsum("nk,nkd->nd", coefficients, selected_v)
         # "dense": project onto every atom, keep the selected K through a sparse coefficient row.
         num_tokens = x.shape[0]
         projections = jnp.einsum("nd,md->nm", x, unit_u, preferred_element_type=jnp.float32)

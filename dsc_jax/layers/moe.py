@@ -4,7 +4,8 @@ Router (float32): ``logits = LayerNorm(x) W_g`` (no bias), ``+ N(0, jitter_std²
 training, ``p = softmax(logits)``, top-k of ``p`` with the weights NOT renormalised. Each
 expert is ``GELU(x W_in[e]) W_out[e]`` (exact erf GELU, no bias).
 
-Dispatch modes (identical results when no token is dropped):
+Dispatch modes (identical results when no token is dropped; ``"auto"``, the default, picks
+``"dense"`` or ``"dropless"`` by :func:`resolve_dispatch`):
 
 * ``"dense"``: every expert on every token, then a masked combine (``O(E)`` FLOPs per token).
 * ``"dropless"``: token-slots sorted by expert, two ``jax.lax.ragged_dot`` calls with per-expert
@@ -40,7 +41,30 @@ from dsc_jax.layers.common import (
     z_loss,
 )
 
-DISPATCH_MODES = ("dense", "dropless", "capacity")
+DISPATCH_MODES = ("auto", "dense", "dropless", "capacity")
+
+# "auto" picks "dense" (every expert on every token: E/k times the routed FLOPs, in plain
+# batched matmuls) when E/k is at most this, else "dropless" (grouped ``ragged_dot``); both
+# drop nothing and give the same outputs. XLA:CPU lowers ``ragged_dot`` to slow loops: with
+# benchmarks/layer_latency.py (float32, 4096 tokens, d=384, E=5, k=2, H_e=545) dropless runs
+# ~1.9x slower than dense forward and ~1.6x slower forward+backward, so dense wins there up to
+# E/k of about 4. GPUs and TPUs run ``ragged_dot`` as a grouped GEMM, where dense only pays
+# off when nearly every expert is active.
+AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE = {"cpu": 4.0}
+AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE_ACCELERATOR = 1.5
+
+
+def resolve_dispatch(
+    dispatch: str, num_experts: int, top_k: int, platform: str | None = None
+) -> str:
+    """The dispatch ``dispatch`` selects on ``platform`` (default: JAX's default backend)."""
+    if dispatch != "auto":
+        return dispatch
+    platform = platform or jax.default_backend()
+    limit = AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE.get(
+        platform, AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE_ACCELERATOR
+    )
+    return "dense" if num_experts <= limit * top_k else "dropless"
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -61,7 +85,8 @@ class MoELayer(nn.Module):
       num_experts: ``E``.
       top_k: experts per token, ``1 <= k <= E``.
       hidden_dim: hidden width ``H_e`` of each expert.
-      dispatch: ``"dense"``, ``"dropless"`` (default) or ``"capacity"``.
+      dispatch: ``"auto"`` (default: ``"dense"`` or ``"dropless"``, see
+        :func:`resolve_dispatch`), ``"dense"``, ``"dropless"`` or ``"capacity"``.
       capacity_factor: ``"capacity"`` mode only; ``C = ceil(capacity_factor · N · k / E)``.
       jitter_std: std of the Gaussian noise added to the router logits in training.
       dropout_rate: dropout on the output when ``deterministic=False``.
@@ -84,7 +109,7 @@ class MoELayer(nn.Module):
     num_experts: int
     top_k: int
     hidden_dim: int
-    dispatch: str = "dropless"
+    dispatch: str = "auto"
     capacity_factor: float = 1.25
     jitter_std: float = paper.MOE_JITTER_STD
     dropout_rate: float = 0.0
@@ -162,9 +187,10 @@ class MoELayer(nn.Module):
 
         tokens = tokens.astype(self.dtype)
         w_in, w_out = w_in.astype(self.dtype), w_out.astype(self.dtype)
-        if self.dispatch == "dense":
+        dispatch = resolve_dispatch(self.dispatch, num_experts, top_k)
+        if dispatch == "dense":
             y = self._dense_dispatch(tokens, w_in, w_out, indices, gates)
-        elif self.dispatch == "dropless":
+        elif dispatch == "dropless":
             y = self._dropless_dispatch(tokens, w_in, w_out, indices, gates)
         else:
             y = self._capacity_dispatch(tokens, w_in, w_out, indices, gates)
