@@ -9,6 +9,7 @@ forward normalisation makes this a no-op on the function the model computes).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,16 @@ from jax.sharding import Mesh
 from dsc_jax._checks import check_choice
 from dsc_jax.bank import BANK_PROJECTIONS, bank_retraction, retract_bank
 from dsc_jax.sharding import LOGICAL_AXIS_RULES, Rules, logical_to_shardings
+
+
+@functools.lru_cache(maxsize=64)
+def _with_bank_retraction(
+    tx: optax.GradientTransformation, bank_projection: str
+) -> optax.GradientTransformation:
+    """``optax.chain(tx, bank_retraction(...))``, the same object for the same ``tx``: the
+    state's ``tx`` is static pytree metadata, so abstract and concrete states (and jit
+    in/out shardings) must hold an equal one."""
+    return optax.chain(tx, bank_retraction(bank_projection))
 
 
 class TrainState(train_state.TrainState):
@@ -46,7 +57,7 @@ class TrainState(train_state.TrainState):
         check_choice("config", "bank_projection", bank_projection, BANK_PROJECTIONS)
         if bank_projection != "none":
             params = retract_bank(params)  # boxes (nn.Partitioned) are kept
-        tx = optax.chain(tx, bank_retraction(bank_projection))
+        tx = _with_bank_retraction(tx, bank_projection)
         return cls(
             step=jnp.zeros((), jnp.int32),
             apply_fn=apply_fn,
