@@ -35,21 +35,22 @@ class SamplingConfig:
     """How each next token is chosen; validated on construction.
 
     Attributes:
-      max_new_tokens: tokens to generate after the prompt (>= 1).
+      max_new_tokens: tokens to generate after the prompt (>= 1); ``None``: as many as the
+        model's context leaves after the prompt.
       temperature: logits are divided by it before sampling; ``0`` = greedy (argmax).
       top_k: sample among the ``top_k`` most likely tokens only (``0``: no limit).
       top_p: nucleus sampling: the smallest set of most likely tokens whose probability
         reaches ``top_p`` (``1.0``: no limit); ``0 < top_p <= 1``.
     """
 
-    max_new_tokens: int = 200
+    max_new_tokens: int | None = None
     temperature: float = 0.8
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"max_new_tokens={n!r} is invalid; expected an integer >= 1.")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
@@ -215,7 +216,8 @@ def generate(
       A :class:`Generation` (``tokens [B, P + N]``, timings, ``tokens_per_s``).
 
     Raises:
-      ValueError: empty prompt, or ``P + max_new_tokens > config.max_seq_len``.
+      ValueError: empty prompt, ``P >= config.max_seq_len`` or
+        ``P + max_new_tokens > config.max_seq_len``.
     """
     sampling = sampling or SamplingConfig()
     prompt = np.asarray(prompt)
@@ -229,12 +231,18 @@ def generate(
     if prompt_len == 0 or batch == 0:
         raise ValueError("prompt is empty; give at least one token.")
     context = config.max_seq_len
+    if prompt_len >= context:
+        raise ValueError(
+            f"prompt has {prompt_len} tokens; the model's context is {context} tokens, so a "
+            f"prompt may have at most {context - 1} (leaving room to generate)."
+        )
+    if sampling.max_new_tokens is None:
+        sampling = dataclasses.replace(sampling, max_new_tokens=context - prompt_len)
     if prompt_len + sampling.max_new_tokens > context:
         raise ValueError(
             f"prompt of {prompt_len} tokens + max_new_tokens={sampling.max_new_tokens} exceeds "
-            f"the model's context of {context} tokens; use a prompt of at most "
-            f"{context - sampling.max_new_tokens} tokens or max_new_tokens <= "
-            f"{max(context - prompt_len, 0)}."
+            f"the model's context of {context} tokens; use max_new_tokens <= "
+            f"{context - prompt_len}."
         )
     tokens = jnp.asarray(prompt, jnp.int32)
     cache = init_cache(config, batch)
