@@ -119,7 +119,8 @@ def check_top_k(owner: str, top_k: object, pool_name: str, pool: object) -> None
     check_positive_int(owner, "top_k", top_k)
     if top_k > pool:
         raise ValueError(
-            f"{owner}.top_k={top_k!r} is invalid; expected an integer in [1, {pool_name}={pool!r}]."
+            f"{owner}.top_k={top_k!r} is invalid; expected an integer in "
+            f"[1, {pool_name}={pool!r}]."
         )
 
 

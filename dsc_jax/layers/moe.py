@@ -23,12 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dsc_jax import paper
-from dsc_jax._checks import (
-    check_choice,
-    check_float_input,
-    check_positive_float,
-    check_positive_int,
-)
+from dsc_jax._checks import check_choice, check_float_input, check_positive_float, check_positive_int
 from dsc_jax.layers.common import (
     Dtype,
     check_common_fields,

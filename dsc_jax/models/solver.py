@@ -372,3 +372,4 @@ def _solve_molora(
             f"per-layer budgets total {float(c_tot):.1f}, active {float(c_act):.1f})."
         )
     return {"num_experts": experts, "top_k": k, "rank": rank, "hidden_dim": hidden}
+

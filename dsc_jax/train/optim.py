@@ -23,7 +23,6 @@ import optax
 from dsc_jax import paper
 from dsc_jax.param_groups import ROUTER_MODULE_NAMES, param_labels
 
-
 def lr_schedule(peak: float, minimum: float, warmup_steps: int, decay_steps: int) -> optax.Schedule:
     """Linear warm-up ``0 → peak`` over ``warmup_steps``, cosine ``peak → minimum`` until step
     ``decay_steps`` (counted from 0, warm-up included), then ``minimum``.
