@@ -29,6 +29,8 @@ import numpy as np
 from dsc_jax.data.tokenizers import Tokenizer
 from dsc_jax.models.gpt import GPT, GPTConfig, init_cache
 
+__all__ = ["Generation", "SamplingConfig", "generate", "sample_logits", "sample_text"]
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:

@@ -28,6 +28,15 @@ import orbax.checkpoint as ocp
 from dsc_jax.data.tokenizers import Tokenizer, build_tokenizer
 from dsc_jax.models.gpt import GPT, GPTConfig
 
+__all__ = [
+    "LoadedModel",
+    "WorkdirError",
+    "abstract_params",
+    "checkpoint_steps",
+    "load_model",
+    "read_run_config",
+]
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"

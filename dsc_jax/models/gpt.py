@@ -351,7 +351,8 @@ class GPT(nn.Module):
 
     Example::
 
-        model = GPT(GPTConfig(vocab_size=256, max_seq_len=64, num_layers=2, d_model=64))
+        cfg = GPTConfig(vocab_size=256, max_seq_len=64, num_layers=2, num_heads=4, d_model=64)
+        model = GPT(cfg)
         params = model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32))["params"]
         logits = model.apply({"params": params}, tokens)          # [B, T] -> [B, T, 256]
 
