@@ -136,10 +136,13 @@ class DSCConfig(_FFNConfig):
 
 
 FFNConfig = DenseConfig | MoEConfig | MoLoRAConfig | DSCConfig
+"""The type of a model's ``ffn`` field: any of the four per-kind configs."""
 FFN_CONFIGS: dict[str, type[_FFNConfig]] = {
     cls.kind: cls for cls in (DenseConfig, MoEConfig, MoLoRAConfig, DSCConfig)
 }
+"""Kind name -> config class: ``{"dense": DenseConfig, "moe": MoEConfig, ...}``."""
 FFN_KINDS: tuple[str, ...] = tuple(FFN_CONFIGS)
+"""The FFN kind names: ``("dense", "moe", "molora", "dsc")``."""
 
 
 def ffn_config(kind: str, fields: Mapping[str, Any] | None = None) -> FFNConfig:

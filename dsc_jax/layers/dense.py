@@ -14,6 +14,13 @@ from dsc_jax.layers.common import Dtype, check_common_fields, gelu_mlp, model_di
 class DenseFFN(nn.Module):
     """Position-wise feed-forward block ``GELU(x W1) W2`` (no bias).
 
+    Shapes: ``x [..., d] -> [..., d]`` in ``dtype`` (any leading axes, e.g. ``[B, T, d]``);
+    ``d`` is fixed by the first call. Example::
+
+        layer = DenseFFN(hidden_dim=256)
+        variables = layer.init(jax.random.key(0), x)          # x: [B, T, d]
+        y = layer.apply(variables, x)                          # [B, T, d]
+
     Attributes:
       hidden_dim: ``H``, the width of the hidden layer.
       dropout_rate: dropout on the output when ``deterministic=False``.

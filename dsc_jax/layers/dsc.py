@@ -39,6 +39,13 @@ def resolve_compute(compute: str, num_bases: int, top_k: int) -> str:
 class DSCLayer(nn.Module):
     """Dynamic Subspace Composition FFN.
 
+    Shapes: ``x [..., d] -> [..., d]`` in ``dtype`` (any leading axes, e.g. ``[B, T, d]``);
+    ``d`` is fixed by the first call. Example::
+
+        layer = DSCLayer(num_bases=128, top_k=4, hidden_dim=128)
+        variables = layer.init(jax.random.key(0), x)          # x: [B, T, d]
+        y = layer.apply(variables, x)                          # [B, T, d]
+
     Attributes:
       num_bases: ``M``, atoms in the shared bank.
       top_k: ``K``, active atoms per token (static, ``1 ≤ K ≤ M``).

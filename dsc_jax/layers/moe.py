@@ -81,6 +81,13 @@ def _expert_mlp(tokens: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Arr
 class MoELayer(nn.Module):
     """Top-k MoE FFN (spec §5 "Standard MoE").
 
+    Shapes: ``x [..., d] -> [..., d]`` in ``dtype`` (any leading axes, e.g. ``[B, T, d]``);
+    ``d`` is fixed by the first call. Example::
+
+        layer = MoELayer(num_experts=8, top_k=2, hidden_dim=128)
+        variables = layer.init(jax.random.key(0), x)          # x: [B, T, d]
+        y = layer.apply(variables, x)                          # [B, T, d]
+
     Attributes:
       num_experts: ``E``.
       top_k: experts per token, ``1 <= k <= E``.

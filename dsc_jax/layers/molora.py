@@ -35,6 +35,13 @@ from dsc_jax.layers.common import (
 class MoLoRALayer(nn.Module):
     """Static FFN plus top-k routed LoRA experts.
 
+    Shapes: ``x [..., d] -> [..., d]`` in ``dtype`` (any leading axes, e.g. ``[B, T, d]``);
+    ``d`` is fixed by the first call. Example::
+
+        layer = MoLoRALayer(num_experts=8, rank=8, top_k=2, hidden_dim=128)
+        variables = layer.init(jax.random.key(0), x)          # x: [B, T, d]
+        y = layer.apply(variables, x)                          # [B, T, d]
+
     Attributes:
       num_experts: ``E``, number of LoRA experts.
       rank: ``r``, rank of each expert.

@@ -183,9 +183,13 @@ class CausalSelfAttention(nn.Module):
     Parameters: ``query/key/value/kernel [d, heads, kv]`` (``("embed", "heads", "kv")``,
     normal(0.02)) and ``out/kernel [heads, kv, d]`` (``("heads", "kv", "embed")``,
     normal(``cfg.residual_init_std``)). Dropout on the attention probabilities and on the
-    output (residual dropout). A KV cache can be added by concatenating cached keys/values in
-    :meth:`__call__` and passing ``causal_mask(T, T_cache + T, offset=T_cache)`` to
-    :meth:`attend`.
+    output (residual dropout).
+
+    With ``decode=True`` the keys and values are written into a fixed-size cache (collection
+    ``"cache"``: ``cached_key``, ``cached_value`` ``[B, max_seq_len, heads, kv]`` in
+    ``cfg.dtype`` and ``cache_index`` int32, the number of positions already written) and
+    the queries attend every cached position up to their own; apply with
+    ``mutable=["cache"]``.
     """
 
     cfg: GPTConfig
@@ -230,15 +234,36 @@ class CausalSelfAttention(nn.Module):
         )
         return jnp.einsum("bhqt,bthk->bqhk", probs.astype(dtype), value)
 
+    def _cached(self, key: jax.Array, value: jax.Array) -> tuple[jax.Array, ...]:
+        """Write ``key/value [B, T, heads, kv]`` at the cache index; return the whole cache
+        ``[B, max_seq_len, heads, kv]`` and the ``[T, max_seq_len]`` mask of the queries."""
+        cfg = self.cfg
+        shape = (key.shape[0], cfg.max_seq_len, cfg.num_heads, cfg.head_dim)
+        keys = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
+        values = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        start = index.value
+        keys.value = jax.lax.dynamic_update_slice(keys.value, key, (0, start, 0, 0))
+        values.value = jax.lax.dynamic_update_slice(values.value, value, (0, start, 0, 0))
+        index.value = start + key.shape[1]
+        return keys.value, values.value, causal_mask(key.shape[1], cfg.max_seq_len, start)
+
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """``x: [B, T, d]`` in ``cfg.dtype`` -> ``[B, T, d]`` in ``cfg.dtype``."""
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool = True, decode: bool = False
+    ) -> jax.Array:
+        """``x: [B, T, d]`` in ``cfg.dtype`` -> ``[B, T, d]`` in ``cfg.dtype``; ``decode``:
+        attend through the key/value cache (see the class docstring)."""
         cfg = self.cfg
         query = self._projection("query")(x)
         key = self._projection("key")(x)
         value = self._projection("value")(x)
         seq_len = x.shape[-2]
-        out = self.attend(query, key, value, causal_mask(seq_len, seq_len), deterministic)
+        if decode:
+            key, value, mask = self._cached(key, value)
+        else:
+            mask = causal_mask(seq_len, seq_len)
+        out = self.attend(query, key, value, mask, deterministic)
         out = nn.DenseGeneral(
             features=cfg.d_model,
             axis=(-2, -1),
@@ -258,13 +283,12 @@ class Block(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True, decode: bool = False) -> jax.Array:
         """``x: [B, T, d]`` float32 residual stream -> same shape and dtype."""
         cfg = self.cfg
         h = _layer_norm(cfg, "ln_1")(x).astype(cfg.compute_dtype)
-        x = x + CausalSelfAttention(cfg, name="attn")(h, deterministic=deterministic).astype(
-            jnp.float32
-        )
+        attn = CausalSelfAttention(cfg, name="attn")
+        x = x + attn(h, deterministic=deterministic, decode=decode).astype(jnp.float32)
         h = _layer_norm(cfg, "ln_2")(x).astype(cfg.compute_dtype)
         h = make_ffn(cfg)(h, deterministic)
         return x + h.astype(jnp.float32)
@@ -274,8 +298,10 @@ class _ScannedBlock(Block):
     """:class:`Block` with the ``(carry, xs) -> (carry, ys)`` signature ``nn.scan`` needs."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, None]:
-        return super().__call__(x, deterministic), None
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, decode: bool = False
+    ) -> tuple[jax.Array, None]:
+        return super().__call__(x, deterministic, decode), None
 
 
 def remat_policy(name: str) -> Any:
@@ -285,31 +311,33 @@ def remat_policy(name: str) -> Any:
     return None
 
 
-def apply_blocks(cfg: GPTConfig, x: jax.Array, deterministic: bool) -> jax.Array:
+def apply_blocks(
+    cfg: GPTConfig, x: jax.Array, deterministic: bool, decode: bool = False
+) -> jax.Array:
     """Run the ``cfg.num_layers`` blocks on ``x: [B, T, d]``, unrolled (``block_{i}``) or with
-    ``nn.scan`` (``blocks``, parameters stacked on a leading ``layers`` axis), each optionally
-    under ``nn.remat``. Call inside a parent's ``@nn.compact`` method."""
+    ``nn.scan`` (``blocks``, parameters and caches stacked on a leading ``layers`` axis), each
+    optionally under ``nn.remat``. Call inside a parent's ``@nn.compact`` method."""
     block_cls: Any = _ScannedBlock if cfg.scan_layers else Block
     if cfg.remat != "none":
         block_cls = nn.remat(
             block_cls,
-            static_argnums=(2,),
+            static_argnums=(2, 3),
             policy=remat_policy(cfg.remat),
             prevent_cse=not cfg.scan_layers,
         )
     if not cfg.scan_layers:
         for i in range(cfg.num_layers):
-            x = block_cls(cfg, name=f"block_{i}")(x, deterministic)
+            x = block_cls(cfg, name=f"block_{i}")(x, deterministic, decode)
         return x
     scanned = nn.scan(
         block_cls,
-        variable_axes={"params": 0, "losses": 0, "intermediates": 0},
+        variable_axes={"params": 0, "losses": 0, "intermediates": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,),
+        in_axes=(nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    x, _ = scanned(cfg, name="blocks")(x, deterministic)
+    x, _ = scanned(cfg, name="blocks")(x, deterministic, decode)
     return x
 
 
@@ -320,17 +348,38 @@ class GPT(nn.Module):
     (``position, embed``), ``block_{i}/{ln_1, attn, ln_2, ffn}`` (with ``scan_layers``:
     ``blocks/{...}`` stacked on a leading ``layers`` axis), ``ln_f/{scale, bias}`` and,
     only when ``tie_embeddings=False``, ``lm_head/kernel [d, V]`` (``embed, vocab``).
+
+    Example::
+
+        cfg = GPTConfig(vocab_size=256, max_seq_len=64, num_layers=2, num_heads=4, d_model=64)
+        model = GPT(cfg)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32))["params"]
+        logits = model.apply({"params": params}, tokens)          # [B, T] -> [B, T, 256]
+
+    Incremental decoding (key/value cache, see :func:`init_cache`)::
+
+        cache = init_cache(cfg, batch_size=B)
+        logits, v = model.apply({"params": params, "cache": cache}, prompt, decode=True,
+                                mutable=["cache"])                 # prefill [B, P]
+        logits, v = model.apply({"params": params, "cache": v["cache"]}, next_token,
+                                decode=True, mutable=["cache"])    # one step [B, 1]
     """
 
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, deterministic: bool = True, decode: bool = False
+    ) -> jax.Array:
         """Next-token logits.
 
         Args:
           tokens: ``[B, T]`` integer token ids, ``T <= cfg.max_seq_len``.
           deterministic: ``False`` enables dropout (and MoE jitter); needs a ``"dropout"`` rng.
+          decode: continue the sequence held in the ``"cache"`` collection (apply with
+            ``mutable=["cache"]``): ``tokens`` sit at positions ``cache position + [0, T)``,
+            attend every cached token and are appended to the cache. The caller keeps the
+            total length ``<= cfg.max_seq_len`` (it is not checked inside ``jit``).
 
         Returns:
           ``[B, T, V]`` float32 logits.
@@ -366,10 +415,15 @@ class GPT(nn.Module):
             embedding_init=normal(paper.INIT_STD, ("position", "embed")),
             name="wpe",
         )
-        x = wte(tokens).astype(jnp.float32) + wpe(jnp.arange(seq_len)).astype(jnp.float32)
+        positions = jnp.arange(seq_len)
+        if decode:
+            offset = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            positions = positions + offset.value
+            offset.value = offset.value + seq_len
+        x = wte(tokens).astype(jnp.float32) + wpe(positions).astype(jnp.float32)
         if cfg.embed_dropout:
             x = nn.Dropout(cfg.dropout_rate, name="embed_dropout")(x, deterministic=deterministic)
-        x = apply_blocks(cfg, x, deterministic)
+        x = apply_blocks(cfg, x, deterministic, decode)
         h = _layer_norm(cfg, "ln_f")(x).astype(cfg.compute_dtype)
         if cfg.tie_embeddings:
             logits = wte.attend(h)
@@ -383,3 +437,13 @@ class GPT(nn.Module):
                 name="lm_head",
             )(h)
         return logits.astype(jnp.float32)
+
+
+def init_cache(cfg: GPTConfig, batch_size: int) -> Any:
+    """An empty key/value cache of :class:`GPT` for ``batch_size`` sequences (the
+    ``"cache"`` collection: per layer ``cached_key``/``cached_value`` ``[B, max_seq_len,
+    heads, kv]`` zeros in ``cfg.dtype`` and ``cache_index`` 0, plus the model's ``position``
+    0; with ``scan_layers`` stacked on a leading ``layers`` axis). Computes no parameters."""
+    tokens = jnp.zeros((batch_size, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.key(0), tokens, decode=True)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

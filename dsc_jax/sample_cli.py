@@ -1,0 +1,117 @@
+"""Command line: ``dsc-sample`` / ``python sample.py``.
+
+    dsc-sample --workdir=runs/default --prompt="def " [--max_new_tokens=100 --temperature=0.8
+               --top_k=0 --top_p=1.0 --seed=0 --num_samples=1]
+
+Loads the newest restorable checkpoint of a training run (:func:`dsc_jax.loading.load_model`,
+tokeniser from the run's own config) and prints ``num_samples`` continuations of the prompt,
+then one line of timings (compile, prefill, decode tokens/s) on stderr. Errors (missing or
+foreign workdir, prompt too long, bad sampling values) are one clear message, no traceback.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Define the sampling flags (idempotent)."""
+    if "prompt" in FLAGS:
+        return
+    if "workdir" not in FLAGS:
+        flags.DEFINE_string("workdir", None, "Run folder written by train.py (config.json, ...).")
+    flags.DEFINE_string("prompt", "", "Text to continue.")
+    flags.DEFINE_integer(
+        "max_new_tokens", None, "Tokens to generate (default: the rest of the model's context)."
+    )
+    flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, 0 < top_p <= 1 (1: off).")
+    flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.")
+    flags.DEFINE_integer("num_samples", 1, "Continuations to generate (one batch).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
+
+
+def sample_main(
+    workdir: str,
+    prompt: str,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    num_samples: int = 1,
+    step: int | None = None,
+) -> list[str]:
+    """Load ``workdir``, print and return ``num_samples`` continuations of ``prompt``."""
+    from dsc_jax.generate import SamplingConfig, sample_text
+    from dsc_jax.loading import load_model
+
+    sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)  # validate first
+    loaded = load_model(workdir, step=step)
+    texts, result = sample_text(
+        loaded.config,
+        loaded.params,
+        loaded.tokenizer,
+        prompt,
+        sampling,
+        num_samples=num_samples,
+        seed=seed,
+    )
+    for i, text in enumerate(texts):
+        if num_samples > 1:
+            print(f"--- sample {i + 1}/{num_samples} ---")
+        print(prompt + text, flush=True)
+    print(
+        f"[{loaded.workdir} step {loaded.step}: {result.new_tokens.size} tokens in "
+        f"{result.decode_s:.3f} s = {result.tokens_per_s:.1f} tokens/s (batch {num_samples}); "
+        f"prefill {result.prompt_len} tokens {result.prefill_s * 1e3:.1f} ms; "
+        f"compile {result.compile_s:.1f} s]",
+        file=sys.stderr,
+        flush=True,
+    )
+    return texts
+
+
+def main(argv: Sequence[str]) -> None:
+    """absl entry point."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (a run folder written by train.py).")
+    try:
+        sample_main(
+            FLAGS.workdir,
+            FLAGS.prompt,
+            max_new_tokens=FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature,
+            top_k=FLAGS.top_k,
+            top_p=FLAGS.top_p,
+            seed=FLAGS.seed,
+            num_samples=FLAGS.num_samples,
+            step=FLAGS.step,
+        )
+    except ValueError as err:  # includes loading.RunNotFoundError
+        logging.debug("traceback of the error below", exc_info=True)
+        sys.exit(f"dsc-sample: error: {err}")
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Only warnings from libraries (orbax, jax) unless ``--verbosity >= 1``."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
+
+
+def run() -> None:
+    """Console-script entry point (``dsc-sample``)."""
+    define_flags()
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    app.run(main)
