@@ -26,7 +26,7 @@ def load_example(name: str):
 
 
 def test_every_example_is_tested():
-    tested = {"vit_dsc", "custom_block_dsc", "generate_text"}
+    tested = {"vit_dsc", "custom_block_dsc", "nnx_dsc", "generate_text"}
     assert {p.stem for p in (REPO / "examples").glob("*.py")} == tested
 
 
@@ -40,6 +40,14 @@ def test_custom_block_dsc(capsys):
     result = load_example("custom_block_dsc").main(["--steps=3", "--batch_size=4", "--seq_len=16"])
     assert math.isfinite(result["final_loss"])
     assert result["bank_norm_error"] < 1e-5  # bank_retraction kept the rows unit
+    assert "weighted regularisers" in capsys.readouterr().out
+
+
+def test_nnx_dsc(capsys):
+    result = load_example("nnx_dsc").main(["--steps=4", "--batch_size=4", "--seq_len=16"])
+    assert math.isfinite(result["final_loss"])
+    assert result["traces"] == 1  # nnx.jit traced the train step once over 4 steps
+    assert result["bank_norm_error"] < 1e-5
     assert "weighted regularisers" in capsys.readouterr().out
 
 
