@@ -7,11 +7,12 @@ GPT-2 BPE (tiktoken); see README. The shared recipe, every field commented, is
 dsc_jax.train.presets.paper_recipe.
 """
 
+from dsc_jax import paper
 from dsc_jax.train.presets import paper_recipe
 
 
 def get_config():
     """The paper recipe with the dense FFN."""
     c = paper_recipe("dense")
-    c.model.dense.hidden_dim = 2611  # H
+    c.model.dense.hidden_dim = paper.DENSE_HIDDEN  # H
     return c

@@ -8,14 +8,15 @@ GPT-2 BPE (tiktoken); see README. The shared recipe, every field commented, is
 dsc_jax.train.presets.paper_recipe.
 """
 
+from dsc_jax import paper
 from dsc_jax.train.presets import paper_recipe
 
 
 def get_config():
     """The paper recipe with the dsc FFN."""
     c = paper_recipe("dsc")
-    c.model.dsc.num_bases = 1523  # M, atoms in the bank
-    c.model.dsc.top_k = 4  # K, active atoms per token
-    c.model.dsc.hidden_dim = 327  # H, static FFN width
+    c.model.dsc.num_bases = paper.DSC_NUM_BASES  # M, atoms in the bank
+    c.model.dsc.top_k = paper.DSC_TOP_K  # K, active atoms per token
+    c.model.dsc.hidden_dim = paper.DSC_HIDDEN  # H, static FFN width
     c.model.dsc.variant = "refined"  # Algorithm 2: router LayerNorm, vector γ
     return c

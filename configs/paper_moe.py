@@ -8,14 +8,17 @@ GPT-2 BPE (tiktoken); see README. The shared recipe, every field commented, is
 dsc_jax.train.presets.paper_recipe.
 """
 
+from dsc_jax import paper
 from dsc_jax.train.presets import paper_recipe
 
 
 def get_config():
     """The paper recipe with the moe FFN."""
     c = paper_recipe("moe")
-    c.model.moe.num_experts = 5  # E
-    c.model.moe.top_k = 2  # experts per token
-    c.model.moe.hidden_dim = 545  # H_e, expert width
-    c.model.moe.jitter_std = 0.01  # N(0, 0.01) noise on the router logits in training
+    c.model.moe.num_experts = paper.MOE_NUM_EXPERTS  # E
+    c.model.moe.top_k = paper.MOE_TOP_K  # experts per token
+    c.model.moe.hidden_dim = paper.MOE_HIDDEN  # H_e, expert width
+    c.model.moe.jitter_std = (
+        paper.MOE_JITTER_STD
+    )  # N(0, 0.01) noise on the router logits in training
     return c

@@ -8,14 +8,15 @@ GPT-2 BPE (tiktoken); see README. The shared recipe, every field commented, is
 dsc_jax.train.presets.paper_recipe.
 """
 
+from dsc_jax import paper
 from dsc_jax.train.presets import paper_recipe
 
 
 def get_config():
     """The paper recipe with the molora FFN."""
     c = paper_recipe("molora")
-    c.model.molora.num_experts = 16  # E LoRA experts
-    c.model.molora.rank = 108  # r
-    c.model.molora.top_k = 2  # experts per token
-    c.model.molora.hidden_dim = 868  # H of the static FFN
+    c.model.molora.num_experts = paper.MOLORA_NUM_EXPERTS  # E LoRA experts
+    c.model.molora.rank = paper.MOLORA_RANK  # r
+    c.model.molora.top_k = paper.MOLORA_TOP_K  # experts per token
+    c.model.molora.hidden_dim = paper.MOLORA_HIDDEN  # H of the static FFN
     return c

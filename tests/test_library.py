@@ -298,3 +298,46 @@ def test_param_trees_use_one_vocabulary():
     assert {"mlp_in/kernel", "mlp_out/kernel"} <= names["dense"] & names["dsc"] & names["molora"]
     assert {"router/kernel", "router_norm/scale"} <= names["dsc"] & names["moe"]
     assert "router/kernel" in names["molora"]
+
+
+def test_spec_choice_options():
+    """Each place where the spec and the reference code differ is an option whose default is
+    the spec's (README "Choices")."""
+    x = tokens_like()
+    # Bank init scale: raw rows are bank_init_scale × orthogonal (reference: 0.02).
+    ref = FFNS["dsc"].replace(bank_init_scale=0.02).make()
+    unit = FFNS["dsc"].make()
+    small = nn.unbox(ref.init(jax.random.key(0), x)["params"])["basis_u"]
+    full = nn.unbox(unit.init(jax.random.key(0), x)["params"])["basis_u"]
+    np.testing.assert_allclose(small, 0.02 * full, rtol=1e-6)
+    # The function is the same: the forward pass normalises the rows.
+    params = nn.unbox(unit.init(jax.random.key(0), x)["params"])
+    y_unit = unit.apply({"params": params}, x)
+    y_small = ref.apply({"params": dict(params, basis_u=0.02 * params["basis_u"])}, x)
+    np.testing.assert_allclose(y_small, y_unit, rtol=1e-5, atol=1e-6)
+
+    def gpt(**overrides):
+        return GPTConfig(
+            vocab_size=32, max_seq_len=8, num_layers=2, num_heads=2, d_model=64, **overrides
+        )
+
+    tokens = jnp.zeros((1, 8), jnp.int32)
+
+    def out_std(cfg):
+        params = nn.unbox(GPT(cfg).init(jax.random.key(0), tokens)["params"])
+        return float(jnp.std(params["block_0"]["ffn"]["mlp_out"]["kernel"]))
+
+    # DSC static W2: 0.02 (spec §1) by default; None takes the GPT's 0.02/sqrt(2L) = 0.01.
+    big = DSCConfig(num_bases=12, top_k=3, hidden_dim=256)
+    assert out_std(gpt(ffn=big)) == pytest.approx(0.02, rel=0.05)
+    assert out_std(gpt(ffn=big.replace(out_init_std=None))) == pytest.approx(0.01, rel=0.05)
+    assert out_std(gpt(ffn=DenseConfig(hidden_dim=256))) == pytest.approx(0.01, rel=0.05)
+
+    # Embedding dropout: off by default (spec), on by option.
+    base = gpt(ffn=FFNS["dense"], dropout_rate=0.5)
+    assert not base.embed_dropout
+    params = nn.unbox(GPT(base).init(jax.random.key(0), tokens)["params"])
+    rngs = {"dropout": jax.random.key(3)}
+    on = GPT(base.replace(embed_dropout=True)).apply({"params": params}, tokens, False, rngs=rngs)
+    off = GPT(base).apply({"params": params}, tokens, False, rngs=rngs)
+    assert float(jnp.max(jnp.abs(on - off))) > 1e-4
