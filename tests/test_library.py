@@ -29,6 +29,8 @@ from dsc_jax import (
     regularization_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tiny programs: compile time dominates
+
 D = 16
 FFNS = {
     "dsc": DSCConfig(num_bases=12, top_k=3, hidden_dim=24),
