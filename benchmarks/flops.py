@@ -16,7 +16,7 @@ import flax.linen as nn
 from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig
 from dsc_jax.layers.dense import DenseFFN
 from dsc_jax.layers.dsc import DSCLayer
-from dsc_jax.layers.moe import MoELayer, expert_capacity
+from dsc_jax.layers.moe import MoELayer, expert_capacity, sorted_tile_size
 from dsc_jax.layers.molora import MoLoRALayer
 
 IMPLEMENTATIONS = (
@@ -24,6 +24,7 @@ IMPLEMENTATIONS = (
     "dsc_dense",
     "moe_dense",
     "moe_dropless",
+    "moe_sorted",
     "moe_capacity",
     "molora",
     "dense",
@@ -154,6 +155,8 @@ def build_implementations(
 
     e, k, h = sizes.moe_num_experts, sizes.moe_top_k, sizes.moe_hidden_dim
     capacity = expert_capacity(sizes.moe_capacity_factor, n, k, e)
+    tile = sorted_tile_size(n * k, e)
+    sorted_rows = (-(-n * k // tile) + e) * tile  # "sorted" runs every (padded) tile
     gate = 2 * n * d * e
     active = gate + 4 * n * k * d * h + 2 * n * k * d
     for mode, flops, text in (
@@ -163,6 +166,11 @@ def build_implementations(
             "2·N·d·E + 4·E·N·d·H_e + 2·N·k·E + 2·N·E·d",
         ),
         ("dropless", active, "2·N·d·E + 4·N·k·d·H_e + 2·N·k·d"),
+        (
+            "sorted",
+            gate + 4 * sorted_rows * d * h + 2 * n * k * d,
+            f"2·N·d·E + 4·R·d·H_e + 2·N·k·d (R={sorted_rows} tile rows)",
+        ),
         (
             "capacity",
             gate + 4 * e * capacity * d * h + 2 * n * k * d,

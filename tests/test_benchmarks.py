@@ -23,6 +23,7 @@ IMPLEMENTATIONS = (
     "dsc_dense",
     "moe_dense",
     "moe_dropless",
+    "moe_sorted",
     "moe_capacity",
     "molora",
     "dense",
@@ -97,7 +98,7 @@ def test_layer_latency_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixt
         assert (part == "top_k") or _positive(entry["fwd_bwd_ms"]), part
     assert "part:" not in stdout and "static_ffn" in stdout
     meta = report["metadata"]
-    assert meta["moe_auto_resolves_to"] in ("dense", "dropless")
+    assert meta["moe_auto_resolves_to"] in ("dense", "sorted", "dropless")
     for key in ("device_kind", "jax_version", "dtype", "input_shape", "iters", "date"):
         assert key in meta, key
     assert meta["dtype"] == "float32"
@@ -109,7 +110,13 @@ def test_layer_latency_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixt
 def test_select_and_sizes() -> None:
     bench = _load_module()
     assert bench.select(None) == list(IMPLEMENTATIONS)
-    assert bench.select("moe") == ["moe_dense", "moe_dropless", "moe_capacity", "dense"]
+    assert bench.select("moe") == [
+        "moe_dense",
+        "moe_dropless",
+        "moe_sorted",
+        "moe_capacity",
+        "dense",
+    ]
     assert bench.select("dsc_gather") == ["dsc_gather", "dense"]
     with pytest.raises(ValueError, match="matches no implementation"):
         bench.select("nope")

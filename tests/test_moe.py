@@ -131,6 +131,7 @@ class MoEVariantsTest(chex.TestCase):
     @parameterized.named_parameters(
         ("dense", {"dispatch": "dense"}),
         ("dropless", {"dispatch": "dropless"}),
+        ("sorted", {"dispatch": "sorted"}),
         ("auto", {}),
         ("capacity_no_drop", NO_DROP),
     )
@@ -161,7 +162,13 @@ def test_dispatch_modes_agree_including_gradients():
 
     @jax.jit
     def all_grads(p):  # one compilation for the three modes
-        modes = ({"dispatch": "dense"}, {"dispatch": "dropless"}, {}, NO_DROP)
+        modes = (
+            {"dispatch": "dense"},
+            {"dispatch": "dropless"},
+            {"dispatch": "sorted"},
+            {},
+            NO_DROP,
+        )
         return [jax.grad(loss)(p, make(**o)) for o in modes]
 
     grads = all_grads(params)
@@ -278,8 +285,36 @@ def test_auto_dispatch_rule():
     from dsc_jax.layers.moe import resolve_dispatch
 
     assert MoELayer(num_experts=5, top_k=2, hidden_dim=4).dispatch == "auto"
-    assert resolve_dispatch("auto", 5, 2, "cpu") == "dense"
-    assert resolve_dispatch("auto", 64, 2, "cpu") == "dropless"
+    assert resolve_dispatch("auto", 3, 2, "cpu") == "dense"
+    assert resolve_dispatch("auto", 5, 2, "cpu") == "sorted"
+    assert resolve_dispatch("auto", 64, 2, "cpu") == "sorted"
     assert resolve_dispatch("auto", 5, 2, "gpu") == "dropless"
     assert resolve_dispatch("auto", 3, 2, "tpu") == "dense"
     assert resolve_dispatch("capacity", 5, 2, "cpu") == "capacity"
+
+
+@pytest.mark.parametrize("tile", [8, 16])
+def test_sorted_dispatch_is_exact_with_uneven_groups(tile):
+    """Groups of every size (empty, one row, several tiles): equal to the per-slot loop."""
+    from dsc_jax.layers.moe import sorted_dispatch
+
+    rng = np.random.default_rng(0)
+    num_tokens, top_k, experts, d, h = 37, 2, 6, 8, 5
+    indices = np.stack([rng.permutation(experts)[:top_k] for _ in range(num_tokens)])
+    indices[:20, 0] = 1  # one crowded expert; expert 5 may stay empty
+    indices[indices == 5] = 4
+    indices[:, 1] = np.where(indices[:, 1] == indices[:, 0], (indices[:, 0] + 2) % 5, indices[:, 1])
+    tokens = rng.standard_normal((num_tokens, d)).astype(np.float32)
+    w_in = rng.standard_normal((experts, d, h)).astype(np.float32)
+    w_out = rng.standard_normal((experts, h, d)).astype(np.float32)
+    gates = rng.random((num_tokens, top_k)).astype(np.float32)
+    got = sorted_dispatch(
+        *map(jnp.asarray, (tokens, w_in, w_out, indices.astype(np.int32), gates)), tile=tile
+    )
+    want = np.zeros((num_tokens, d))
+    gelu = lambda v: 0.5 * v * (1 + np.vectorize(math.erf)(v / np.sqrt(2)))  # noqa: E731
+    for n in range(num_tokens):
+        for j in range(top_k):
+            e = indices[n, j]
+            want[n] += gates[n, j] * gelu(tokens[n] @ w_in[e]) @ w_out[e]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
