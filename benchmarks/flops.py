@@ -200,3 +200,48 @@ def build_implementations(
 def gemm_columns(flops: int, num_tokens: int, d_model: int) -> int:
     """Output width of the GEMM-equivalent ``[N, d] × [d, F / (2 N d)]`` (rounded, >= 1)."""
     return max(1, round(flops / (2 * num_tokens * d_model)))
+
+
+def ffn_active_matmul_params(ffn: Any, d_model: int) -> int:
+    """Matmul parameters one token multiplies through in one FFN layer (``ffn``: a per-kind
+    config of :mod:`dsc_jax.layers.configs`). Router/gate weights count (every token multiplies
+    through all of them); only the routed (top-k) experts / atoms count.
+
+    * dense: ``2·d·H``; MoE: ``d·E + k·2·d·H_e``; MoLoRA: ``2·d·H + d·E + k·2·d·r``;
+      DSC: ``2·d·H + d·M + K·2·d`` (the K rank-1 atoms ``u_j``, ``v_j``).
+    """
+    d = d_model
+    if ffn.kind == "dense":
+        return 2 * d * ffn.hidden_dim
+    if ffn.kind == "moe":
+        return d * ffn.num_experts + ffn.top_k * 2 * d * ffn.hidden_dim
+    if ffn.kind == "molora":
+        return 2 * d * ffn.hidden_dim + d * ffn.num_experts + ffn.top_k * 2 * d * ffn.rank
+    if ffn.kind == "dsc":
+        return 2 * d * ffn.hidden_dim + d * ffn.num_bases + ffn.top_k * 2 * d
+    raise ValueError(f"unknown FFN kind {ffn.kind!r}")
+
+
+def model_active_matmul_params(cfg: Any) -> int:
+    """Active matmul parameters of a :class:`dsc_jax.GPTConfig` per token: per layer the
+    attention projections ``4·d²`` and the FFN's :func:`ffn_active_matmul_params`, plus the
+    LM head ``d·V`` (embedding lookups are not matmuls)."""
+    d = cfg.d_model
+    per_layer = 4 * d * d + ffn_active_matmul_params(cfg.ffn, d)
+    return cfg.num_layers * per_layer + d * cfg.vocab_size
+
+
+def model_train_flops(cfg: Any, batch: int, seq_len: int) -> dict[str, int]:
+    """Model FLOPs of one training step (forward + backward = 3 × forward) on ``batch × seq_len``
+    tokens ``N``, counting ``2·m·n·k`` per matmul:
+
+    * parameters: ``6 · P_active · N`` (:func:`model_active_matmul_params`);
+    * attention scores and values: ``12 · L · T · d · N`` (``Q Kᵀ`` and ``P V``, each
+      ``2·T·d`` FLOPs per token per layer forward, the full ``T×T`` not the causal half).
+
+    Returns ``{"params": ..., "attention": ..., "total": ...}``.
+    """
+    tokens = batch * seq_len
+    params = 6 * model_active_matmul_params(cfg) * tokens
+    attention = 12 * cfg.num_layers * seq_len * cfg.d_model * tokens
+    return {"params": params, "attention": attention, "total": params + attention}
