@@ -60,7 +60,12 @@ from dsc_jax.train.state import TrainState  # noqa: E402
 from dsc_jax.train.steps import train_step  # noqa: E402
 
 KINDS = ("dense", "moe", "molora", "dsc")
-PAPER_FFN = {"dense": DenseConfig(), "moe": MoEConfig(), "molora": MoLoRAConfig(), "dsc": DSCConfig()}
+PAPER_FFN = {
+    "dense": DenseConfig(),
+    "moe": MoEConfig(),
+    "molora": MoLoRAConfig(),
+    "dsc": DSCConfig(),
+}
 # --quick: d=192, L=4, V=8192, T=128, FFNs at half the paper's widths (same K, k, E).
 QUICK_MODEL = {"d_model": 192, "num_layers": 4, "num_heads": 6, "vocab_size": 8192}
 QUICK_FFN = {
@@ -201,8 +206,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             else:
                 entry["step_s"] = [first]
                 entry["matmul_s"] = [timed(matmul)]
-            print(f"B={batch} {kind}: compiled in {compile_s:.1f} s, first step {first:.2f} s",
-                  flush=True)
+            print(
+                f"B={batch} {kind}: compiled in {compile_s:.1f} s, first step {first:.2f} s",
+                flush=True,
+            )
         for _ in range(args.warmup):
             for run in runners.values():
                 timed(run)
@@ -212,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 entry = entries[kind]
                 entry.setdefault("step_s", []).append(timed(runners[kind]))
                 entry.setdefault("matmul_s", []).append(min(timed(matmul) for _ in range(2)))
-        for kind, entry in entries.items():
+        for entry in entries.values():
             flops = entry["model_flops"]["total"]
             step = statistics.median(entry["step_s"])
             entry["step_ms"] = step * 1e3
@@ -223,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 flops / s / (matmul_flops / m)
                 for s, m in zip(entry["step_s"], entry["matmul_s"], strict=True)
             )
-        for kind, entry in entries.items():
+        for entry in entries.values():
             entry["mfu_ratio_dense"] = (
                 entry["mfu"] / entries["dense"]["mfu"] if "dense" in entries else None
             )
@@ -233,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "metadata": {
             "device": jax.devices()[0].device_kind,
             "jax": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(),
             "model": "tiny" if args.tiny else "quick" if args.quick else "paper",
             "seq": args.seq,
             "scan_layers": args.scan_layers,
@@ -253,11 +260,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any]) -> None:
     meta = report["metadata"]
-    print(f"\nmodel={meta['model']} T={meta['seq']} scan={meta['scan_layers']} "
-          f"remat={meta['remat']} ({meta['device']})")
-    header = (f"{'B':>3} {'kind':<7} {'step ms':>9} {'tok/s':>8} {'GFLOP':>7} {'GF/s':>7} "
-              f"{'mm GF/s':>8} {'mfu':>5} {'/dense':>6} {'peak MB':>8} {'temp MB':>8} "
-              f"{'remat saves MB':>14}")
+    print(
+        f"\nmodel={meta['model']} T={meta['seq']} scan={meta['scan_layers']} "
+        f"remat={meta['remat']} ({meta['device']})"
+    )
+    header = (
+        f"{'B':>3} {'kind':<7} {'step ms':>9} {'tok/s':>8} {'GFLOP':>7} {'GF/s':>7} "
+        f"{'mm GF/s':>8} {'mfu':>5} {'/dense':>6} {'peak MB':>8} {'temp MB':>8} "
+        f"{'remat saves MB':>14}"
+    )
     print(header)
     for entries in report["results"].values():
         for kind, e in entries.items():

@@ -127,6 +127,9 @@ class DSCConfig(_FFNConfig):
     hidden_dim: int = paper.DSC_HIDDEN
     variant: str = "refined"
     compute: str = "auto"
+    router: str = "flat"
+    product_key_rows: int = 0
+    frame_regularizer: bool = True
     tau: float = paper.TAU
     eps: float = paper.EPS
     gamma_init: float = paper.GAMMA_INIT
