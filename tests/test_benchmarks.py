@@ -193,3 +193,17 @@ def test_model_train_flops_formula() -> None:
     assert counted["attention"] == 12 * 2 * 4 * 8 * 12
     dsc = cfg.replace(ffn=DSCConfig(num_bases=16, top_k=2, hidden_dim=10))
     assert flops.model_active_matmul_params(dsc) == 2 * (4 * 64 + 160 + 128 + 32) + 80
+
+
+def test_product_key_schema(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "product_key.json"
+    argv = ["--batch=1", "--seq=8", "--d_model=16", "--flat_bases=32", "--pk_bases=64"]
+    report = _load_script("product_key").main(
+        [*argv, "--hidden_dim=8", "--iters=1", "--warmup=0", "--fast_compile", f"--out={out}"]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["results"]) == {"flat", "product_key"}
+    for entry in report["results"].values():
+        assert _positive(entry["fwd_ms"]) and _positive(entry["fwd_bwd_ms"])
+        assert 0 < entry["usage"]["fraction_used"] <= 1 and entry["usage"]["kl_to_uniform"] >= 0
+    assert all(_positive(r) for r in report["ratio_product_key_over_flat"].values())
