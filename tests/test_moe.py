@@ -131,6 +131,8 @@ class MoEVariantsTest(chex.TestCase):
     @parameterized.named_parameters(
         ("dense", {"dispatch": "dense"}),
         ("dropless", {"dispatch": "dropless"}),
+        ("sorted", {"dispatch": "sorted"}),
+        ("sorted_small_tiles", {"dispatch": "sorted", "tile_size": 3}),
         ("auto", {}),
         ("capacity_no_drop", NO_DROP),
     )
@@ -161,7 +163,13 @@ def test_dispatch_modes_agree_including_gradients():
 
     @jax.jit
     def all_grads(p):  # one compilation for the three modes
-        modes = ({"dispatch": "dense"}, {"dispatch": "dropless"}, {}, NO_DROP)
+        modes = (
+            {"dispatch": "dense"},
+            {"dispatch": "dropless"},
+            {},
+            NO_DROP,
+            {"dispatch": "sorted", "tile_size": 5},
+        )
         return [jax.grad(loss)(p, make(**o)) for o in modes]
 
     grads = all_grads(params)
@@ -254,6 +262,7 @@ def test_bf16_compute_close_to_f32():
         ({"hidden_dim": 0}, "hidden_dim"),
         ({"dispatch": "sparse"}, "dispatch"),
         ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"tile_size": 0}, "tile_size"),
         ({"jitter_std": -0.01}, "jitter_std"),
         ({"dropout_rate": 1.0}, "dropout_rate"),
         ({"out_init_std": -0.02}, "out_init_std"),
@@ -283,3 +292,20 @@ def test_auto_dispatch_rule():
     assert resolve_dispatch("auto", 5, 2, "gpu") == "dropless"
     assert resolve_dispatch("auto", 3, 2, "tpu") == "dense"
     assert resolve_dispatch("capacity", 5, 2, "cpu") == "capacity"
+
+
+def test_sorted_dispatch_equals_dropless_on_skewed_routing():
+    from dsc_jax.layers.moe import sorted_tile_dispatch
+
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.standard_normal((37, D)), jnp.float32)
+    w_in = jnp.asarray(rng.standard_normal((E, D, H)) / 4, jnp.float32)
+    w_out = jnp.asarray(rng.standard_normal((E, H, D)) / 6, jnp.float32)
+    # Expert 0 gets most slots, expert 3 none: groups of very different sizes.
+    indices = jnp.asarray(rng.choice(3, size=(37, K), p=[0.8, 0.15, 0.05]), jnp.int32)
+    indices = indices.at[:, 1].set((indices[:, 0] + 1) % 3)
+    gates = jnp.asarray(rng.uniform(size=(37, K)), jnp.float32)
+    want = make(dispatch="dropless")._dropless_dispatch(tokens, w_in, w_out, indices, gates)
+    for tile in (1, 4, 16, 128):
+        got = sorted_tile_dispatch(tokens, w_in, w_out, indices, gates, tile)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

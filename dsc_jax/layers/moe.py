@@ -10,6 +10,10 @@ Dispatch modes (identical results when no token is dropped; ``"auto"``, the defa
 * ``"dense"``: every expert on every token, then a masked combine (``O(E)`` FLOPs per token).
 * ``"dropless"``: token-slots sorted by expert, two ``jax.lax.ragged_dot`` calls with per-expert
   group sizes over ``N·k`` rows (static shapes, nothing dropped).
+* ``"sorted"``: token-slots placed in expert order into a buffer where each expert's group is
+  padded to a multiple of ``tile_size`` rows (static ``N·k + E·(tile_size − 1)`` rows, rounded
+  up to whole tiles), then one ``[tile, d] × [d, H]`` matmul per tile with that tile's expert's
+  weights (a batched matmul over gathered weights; nothing dropped, plain dense kernels).
 * ``"capacity"``: GShard-style buffers of ``C = ceil(capacity_factor · N · k / E)`` slots per
   expert; slots beyond ``C`` are dropped (contribute 0). Priority: every token's first choice
   before any second choice, tokens in order within a choice rank.
@@ -41,7 +45,7 @@ from dsc_jax.layers.common import (
     z_loss,
 )
 
-DISPATCH_MODES = ("auto", "dense", "dropless", "capacity")
+DISPATCH_MODES = ("auto", "dense", "dropless", "sorted", "capacity")
 
 # "auto" picks "dense" (every expert on every token: E/k times the routed FLOPs, in plain
 # batched matmuls) when E/k is at most this, else "dropless" (grouped ``ragged_dot``); both
@@ -95,6 +99,7 @@ class MoELayer(nn.Module):
       dispatch: ``"auto"`` (default: ``"dense"`` or ``"dropless"``, see
         :func:`resolve_dispatch`), ``"dense"``, ``"dropless"`` or ``"capacity"``.
       capacity_factor: ``"capacity"`` mode only; ``C = ceil(capacity_factor · N · k / E)``.
+      tile_size: ``"sorted"`` mode only; rows per tile (each tile holds one expert's slots).
       jitter_std: std of the Gaussian noise added to the router logits in training.
       dropout_rate: dropout on the output when ``deterministic=False``.
       init_std: std of ``expert_in`` and the router kernel (spec: 0.02).
@@ -118,6 +123,7 @@ class MoELayer(nn.Module):
     hidden_dim: int
     dispatch: str = "auto"
     capacity_factor: float = 1.25
+    tile_size: int = 128
     jitter_std: float = paper.MOE_JITTER_STD
     dropout_rate: float = 0.0
     init_std: float = paper.INIT_STD
@@ -132,6 +138,7 @@ class MoELayer(nn.Module):
         check_common_fields(self)
         check_choice(owner, "dispatch", self.dispatch, DISPATCH_MODES)
         check_positive_float(owner, "capacity_factor", self.capacity_factor)
+        check_positive_int(owner, "tile_size", self.tile_size)
         check_positive_float(owner, "jitter_std", self.jitter_std, allow_zero=True)
         super().__post_init__()
 
@@ -199,6 +206,8 @@ class MoELayer(nn.Module):
             y = self._dense_dispatch(tokens, w_in, w_out, indices, gates)
         elif dispatch == "dropless":
             y = self._dropless_dispatch(tokens, w_in, w_out, indices, gates)
+        elif dispatch == "sorted":
+            y = sorted_tile_dispatch(tokens, w_in, w_out, indices, gates, self.tile_size)
         else:
             y = self._capacity_dispatch(tokens, w_in, w_out, indices, gates)
 
@@ -279,3 +288,52 @@ class MoELayer(nn.Module):
             fill_value=0,
         ).reshape(num_tokens, top_k, -1)
         return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(self.dtype))
+
+
+def sorted_tile_dispatch(
+    tokens: jax.Array,
+    w_in: jax.Array,
+    w_out: jax.Array,
+    indices: jax.Array,
+    gates: jax.Array,
+    tile_size: int,
+) -> jax.Array:
+    """Exact top-k MoE with per-tile dense matmuls (dispatch ``"sorted"``).
+
+    Slot ``s`` (token ``s // k``, expert ``e_s``) goes to row ``start_e + rank_s`` of a buffer
+    where expert ``e``'s group starts at ``start_e`` (the group sizes rounded up to a multiple of
+    ``tile_size``, summed over the experts before ``e``) and ``rank_s`` counts the earlier slots of
+    ``e``. The buffer has the static size ``ceil((N·k + E·(tile − 1)) / tile)`` tiles; padding rows
+    are zero and never read back. Tile ``t`` belongs to the expert whose padded range holds row
+    ``t·tile`` (trailing unused tiles take the last expert and compute on zeros).
+
+    Args:
+      tokens: ``[N, d]``; w_in: ``[E, d, H]``; w_out: ``[E, H, d]``; indices, gates: ``[N, k]``.
+      tile_size: rows per tile.
+
+    Returns:
+      ``[N, d]``: ``Σ_k gate · expert(token)``, identical to ``"dropless"`` up to rounding.
+    """
+    num_tokens, top_k = indices.shape
+    num_experts = w_in.shape[0]
+    slot_expert = indices.reshape(-1)  # [S], S = N·k
+    one_hot = jax.nn.one_hot(slot_expert, num_experts, dtype=jnp.int32)  # [S, E]
+    rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # rank within expert
+    group_sizes = jnp.sum(one_hot, axis=0)
+    padded = -(-group_sizes // tile_size) * tile_size
+    padded_end = jnp.cumsum(padded)
+    padded_start = padded_end - padded
+    rows = slot_expert.size + num_experts * (tile_size - 1)
+    num_tiles = -(-rows // tile_size)
+    dest = padded_start[slot_expert] + rank  # [S] distinct rows < num_tiles·tile_size
+    buffer = jnp.zeros((num_tiles * tile_size, tokens.shape[-1]), tokens.dtype)
+    buffer = buffer.at[dest].set(jnp.repeat(tokens, top_k, axis=0), unique_indices=True)
+    tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tile_size
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(padded_end, tile_start, side="right"), num_experts - 1
+    )
+    tiles = buffer.reshape(num_tiles, tile_size, -1)
+    hidden = jax.nn.gelu(jnp.einsum("tcd,tdh->tch", tiles, w_in[tile_expert]), approximate=False)
+    out = jnp.einsum("tch,thd->tcd", hidden, w_out[tile_expert]).reshape(num_tiles * tile_size, -1)
+    slot_out = jnp.take(out, dest, axis=0).reshape(num_tokens, top_k, -1)
+    return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(tokens.dtype))
