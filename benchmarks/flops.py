@@ -24,6 +24,7 @@ IMPLEMENTATIONS = (
     "dsc_dense",
     "moe_dense",
     "moe_dropless",
+    "moe_sorted",
     "moe_capacity",
     "molora",
     "dense",
@@ -117,9 +118,10 @@ def build_implementations(
       (``x·u_j`` and ``Σ c_j v_j`` over the K gathered atoms), ``dense``: ``4·N·M·d`` (``x Uᵀ``
       and ``c V`` over all M atoms with a K-sparse ``c``).
     * MoE: gate ``2·N·d·E`` + experts, ``dense``: ``4·E·N·d·H_e`` + combine ``2·N·k·E`` (one-hot
-      einsum) + ``2·N·E·d``; ``dropless``: ``4·N·k·d·H_e`` (ragged dots over the ``N·k`` slots)
-      + combine ``2·N·k·d``; ``capacity``: ``4·E·C·d·H_e`` with ``C = ceil(cf·N·k/E)`` + combine
-      ``2·N·k·d``.
+      einsum) + ``2·N·E·d``; ``sorted``: ``4·R·d·H_e`` over the ``R = ⌈(N·k + E·(T−1))/T⌉·T``
+      padded buffer rows (tile ``T``) + combine ``2·N·k·d``; ``dropless``: ``4·N·k·d·H_e``
+      (ragged dots over the ``N·k`` slots) + combine ``2·N·k·d``; ``capacity``:
+      ``4·E·C·d·H_e`` with ``C = ceil(cf·N·k/E)`` + combine ``2·N·k·d``.
     * MoLoRA: static FFN ``4·N·d·H`` + router ``2·N·d·E`` + experts ``4·N·E·d·r`` (``x A_e``
       for every expert, then the gate-masked ``[N, E·r] × [E·r, d]`` contraction; the routed
       share is ``4·N·k·d·r``).
@@ -155,6 +157,8 @@ def build_implementations(
     e, k, h = sizes.moe_num_experts, sizes.moe_top_k, sizes.moe_hidden_dim
     capacity = expert_capacity(sizes.moe_capacity_factor, n, k, e)
     gate = 2 * n * d * e
+    tile = MoEConfig().tile_size
+    sorted_rows = -(-(n * k + e * (tile - 1)) // tile) * tile  # static buffer of "sorted"
     active = gate + 4 * n * k * d * h + 2 * n * k * d
     for mode, flops, text in (
         (
@@ -163,6 +167,11 @@ def build_implementations(
             "2·N·d·E + 4·E·N·d·H_e + 2·N·k·E + 2·N·E·d",
         ),
         ("dropless", active, "2·N·d·E + 4·N·k·d·H_e + 2·N·k·d"),
+        (
+            "sorted",
+            gate + 4 * sorted_rows * d * h + 2 * n * k * d,
+            f"2·N·d·E + 4·R·d·H_e + 2·N·k·d (R={sorted_rows} padded rows)",
+        ),
         (
             "capacity",
             gate + 4 * e * capacity * d * h + 2 * n * k * d,

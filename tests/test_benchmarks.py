@@ -23,6 +23,7 @@ IMPLEMENTATIONS = (
     "dsc_dense",
     "moe_dense",
     "moe_dropless",
+    "moe_sorted",
     "moe_capacity",
     "molora",
     "dense",
@@ -109,7 +110,8 @@ def test_layer_latency_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixt
 def test_select_and_sizes() -> None:
     bench = _load_module()
     assert bench.select(None) == list(IMPLEMENTATIONS)
-    assert bench.select("moe") == ["moe_dense", "moe_dropless", "moe_capacity", "dense"]
+    moe = ["moe_dense", "moe_dropless", "moe_sorted", "moe_capacity", "dense"]
+    assert bench.select("moe") == moe
     assert bench.select("dsc_gather") == ["dsc_gather", "dense"]
     with pytest.raises(ValueError, match="matches no implementation"):
         bench.select("nope")
