@@ -214,8 +214,6 @@ class DSCLayer(nn.Module):
         bank_shape = (self.num_bases, d_model)
         basis_u = self.param("basis_u", bank_init, bank_shape, self.param_dtype)
         basis_v = self.param("basis_v", bank_init, bank_shape, self.param_dtype)
-        unit_u = dsc_router.normalize_rows(basis_u, self.eps)
-        unit_v = dsc_router.normalize_rows(basis_v, self.eps)
         gamma_shape, gamma_names = (
             ((d_model,), ("embed",)) if self.variant == "refined" else ((), ())
         )
@@ -226,20 +224,20 @@ class DSCLayer(nn.Module):
             self.param_dtype,
         )
 
-        dynamic = self._contract(x, unit_u, unit_v, routing)  # [N, d]
+        dynamic = self._contract(x, basis_u, basis_v, routing)  # [N, d]
         y = static_out + (dynamic * gamma.astype(self.dtype)).astype(self.dtype)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
         if not self.is_initializing():  # keep diagnostics and losses out of `init`'s variables
-            self._sow(routing, logits, unit_u, unit_v, lead_shape)
+            self._sow(routing, logits, basis_u, basis_v, lead_shape)
         return y.reshape(*lead_shape, d_model).astype(self.dtype)
 
     def _sow(
         self,
         routing: dsc_router.RouterOutput,
         logits: Any,
-        unit_u: jax.Array,
-        unit_v: jax.Array,
+        basis_u: jax.Array,
+        basis_v: jax.Array,
         lead_shape: tuple[int, ...],
     ) -> None:
         """Diagnostics into ``intermediates``; unweighted regularisers into mutable ``losses``."""
@@ -256,25 +254,28 @@ class DSCLayer(nn.Module):
             self.sow("losses", "aux", aux)
             self.sow("losses", "budget", dsc_router.budget_loss(routing.signal, self.budget_target))
             if self.frame_regularizer:
+                unit_u = dsc_router.normalize_rows(basis_u, self.eps)
+                unit_v = dsc_router.normalize_rows(basis_v, self.eps)
                 self.sow("losses", "frame", dsc_router.frame_loss(unit_u, unit_v))
             self.sow("losses", "z", z)
 
     def _contract(
         self,
         x: jax.Array,
-        unit_u: jax.Array,
-        unit_v: jax.Array,
+        basis_u: jax.Array,
+        basis_v: jax.Array,
         routing: dsc_router.RouterOutput,
     ) -> jax.Array:
-        """``((x U_Iᵀ) ⊙ ẑ) V_I`` for ``x: [N, d]``, banks ``[M, d]``; returns ``[N, d]``."""
+        """``((x U_Iᵀ) ⊙ ẑ) V_I`` for ``x: [N, d]``, raw banks ``[M, d]`` (rows normalised here:
+        "gather" normalises only the ``N·K`` gathered rows); returns ``[N, d]``."""
         x = x.astype(self.dtype)
-        unit_u = unit_u.astype(self.dtype)
-        unit_v = unit_v.astype(self.dtype)
         mode = resolve_compute(self.compute, self.num_bases, self.top_k)
         if mode == "gather":
-            return dsc_contract.gathered_contraction(
-                x, unit_u, unit_v, routing.indices, routing.coefficients
+            return dsc_contract.normalized_gathered_contraction(
+                x, basis_u, basis_v, routing.indices, routing.coefficients, self.eps
             )
+        unit_u = dsc_router.normalize_rows(basis_u, self.eps).astype(self.dtype)
+        unit_v = dsc_router.normalize_rows(basis_v, self.eps).astype(self.dtype)
         # "dense": project onto every atom, keep the selected K through a sparse coefficient row.
         num_tokens = x.shape[0]
         projections = jnp.einsum("nd,md->nm", x, unit_u, preferred_element_type=jnp.float32)
