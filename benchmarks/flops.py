@@ -16,7 +16,7 @@ import flax.linen as nn
 from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig
 from dsc_jax.layers.dense import DenseFFN
 from dsc_jax.layers.dsc import DSCLayer
-from dsc_jax.layers.moe import MoELayer, expert_capacity
+from dsc_jax.layers.moe import MoELayer, expert_capacity, sorted_buffer_rows
 from dsc_jax.layers.molora import MoLoRALayer
 
 IMPLEMENTATIONS = (
@@ -158,7 +158,7 @@ def build_implementations(
     capacity = expert_capacity(sizes.moe_capacity_factor, n, k, e)
     gate = 2 * n * d * e
     tile = MoEConfig().tile_size
-    sorted_rows = -(-(n * k + e * (tile - 1)) // tile) * tile  # static buffer of "sorted"
+    sorted_rows = sorted_buffer_rows(n, k, e, tile)  # static buffer of "sorted"
     active = gate + 4 * n * k * d * h + 2 * n * k * d
     for mode, flops, text in (
         (

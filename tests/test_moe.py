@@ -287,8 +287,13 @@ def test_auto_dispatch_rule():
     from dsc_jax.layers.moe import resolve_dispatch
 
     assert MoELayer(num_experts=5, top_k=2, hidden_dim=4).dispatch == "auto"
-    assert resolve_dispatch("auto", 5, 2, "cpu") == "dense"
-    assert resolve_dispatch("auto", 64, 2, "cpu") == "dropless"
+    assert resolve_dispatch("auto", 5, 2, "cpu") == "sorted"
+    assert resolve_dispatch("auto", 64, 2, "cpu") == "sorted"
+    assert resolve_dispatch("auto", 2, 2, "cpu") == "dense"
+    assert resolve_dispatch("auto", 5, 2, "cpu", num_tokens=4096) == "sorted"
+    # Few tokens: the padding (E·(tile − 1) rows) outweighs dense's E·N rows.
+    assert resolve_dispatch("auto", 5, 2, "cpu", num_tokens=32) == "dense"
+    assert resolve_dispatch("auto", 5, 2, "cpu", num_tokens=32, tile_size=4) == "sorted"
     assert resolve_dispatch("auto", 5, 2, "gpu") == "dropless"
     assert resolve_dispatch("auto", 3, 2, "tpu") == "dense"
     assert resolve_dispatch("capacity", 5, 2, "cpu") == "capacity"

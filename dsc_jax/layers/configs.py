@@ -93,7 +93,7 @@ class MoEConfig(_FFNConfig):
     hidden_dim: int = paper.MOE_HIDDEN
     dispatch: str = "auto"
     capacity_factor: float = 1.25
-    tile_size: int = 128
+    tile_size: int = 256
     jitter_std: float = paper.MOE_JITTER_STD
     out_init_std: float | None = None
 
