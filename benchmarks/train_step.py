@@ -80,6 +80,8 @@ def model_config(kind: str, args: argparse.Namespace, remat: str) -> GPTConfig:
     """The GPT of ``kind`` (paper defaults, or the ``--quick`` / ``--tiny`` sizes)."""
     fields: dict[str, Any] = {"max_seq_len": args.seq, "scan_layers": args.scan_layers}
     fields["remat"] = remat
+    if args.dropout is not None:
+        fields["dropout_rate"] = args.dropout
     if args.tiny:
         fields.update(d_model=16, num_layers=2, num_heads=2, vocab_size=64)
         ffn = {
@@ -148,6 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scan_layers", action="store_true")
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--no_remat_compare", dest="remat_compare", action="store_false")
+    parser.add_argument("--dropout", type=float, default=None, help="override (paper: 0.1)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--matmul_n", type=int, default=2048)
