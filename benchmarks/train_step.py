@@ -9,8 +9,9 @@ projection; dropout 0.1 as in the paper) with the train state donated
 
 * ``tokens/s``: ``B·T`` / median step time.
 * ``mfu``: model FLOPs per step (:func:`flops.model_train_flops`: ``6 · active matmul params
-  · tokens + 12·L·T·d·tokens``) ÷ step time ÷ the matmul's FLOP/s, median over rounds of
-  same-round ratios. It is the share of the machine's large-matmul rate the step achieves.
+  · tokens + 12·L·T·d·tokens``) ÷ median step time ÷ the best matmul FLOP/s of the run (the
+  share of the machine's large-matmul rate the step achieves; ``mfu_paired`` divides by the
+  same round's matmul rate instead, see :func:`finalize`).
 * memory (``compiled.memory_analysis()``): ``peak = argument + temp + output − alias`` bytes
   (with donation the output aliases the state); ``temp`` is the activation/workspace part.
   With ``--remat_compare`` (default) each configuration is also compiled with the other
@@ -169,7 +170,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     kinds = [k for k in args.kinds.split(",") if k]
     batches = [int(b) for b in args.batches.split(",") if b]
     matmul = matmul_runner(args.matmul_n, options)
-    matmul_flops = 2 * args.matmul_n**3
     results: dict[str, Any] = {}
     for batch in batches:
         entries: dict[str, dict[str, Any]] = {}
@@ -222,21 +222,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 entry = entries[kind]
                 entry.setdefault("step_s", []).append(timed(runners[kind]))
                 entry.setdefault("matmul_s", []).append(min(timed(matmul) for _ in range(2)))
-        for entry in entries.values():
-            flops = entry["model_flops"]["total"]
-            step = statistics.median(entry["step_s"])
-            entry["step_ms"] = step * 1e3
-            entry["tokens_per_s"] = batch * args.seq / step
-            entry["matmul_gflops"] = matmul_flops / statistics.median(entry["matmul_s"]) / 1e9
-            entry["model_gflops_per_s"] = flops / step / 1e9
-            entry["mfu"] = statistics.median(
-                flops / s / (matmul_flops / m)
-                for s, m in zip(entry["step_s"], entry["matmul_s"], strict=True)
-            )
-        for entry in entries.values():
-            entry["mfu_ratio_dense"] = (
-                entry["mfu"] / entries["dense"]["mfu"] if "dense" in entries else None
-            )
         results[f"B{batch}"] = entries
         runners.clear()
     report = {
@@ -254,11 +239,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "results": results,
     }
+    finalize(report)
     print_table(report)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     return report
+
+
+def finalize(report: dict[str, Any]) -> None:
+    """Derived numbers of every entry (from its ``step_s`` / ``matmul_s`` samples).
+
+    ``matmul_peak_gflops`` is the best matmul rate of the whole run (the machine's large-matmul
+    capability; the median moves with other jobs' load); ``mfu`` = model FLOP/s at the median
+    step time ÷ that peak, so ``mfu_ratio_dense`` is a pure step-time comparison.
+    ``mfu_paired`` is the median over rounds of model FLOP/s ÷ the same round's matmul rate.
+    """
+    matmul_flops = 2 * report["metadata"]["matmul_n"] ** 3
+    all_entries = [e for entries in report["results"].values() for e in entries.values()]
+    peak = max(matmul_flops / min(e["matmul_s"]) for e in all_entries)
+    report["metadata"]["matmul_peak_gflops"] = peak / 1e9
+    for entries in report["results"].values():
+        for entry in entries.values():
+            flops = entry["model_flops"]["total"]
+            step = statistics.median(entry["step_s"])
+            entry["step_ms"] = step * 1e3
+            entry["tokens_per_s"] = entry["batch"] * entry["seq"] / step
+            entry["matmul_gflops"] = matmul_flops / statistics.median(entry["matmul_s"]) / 1e9
+            entry["model_gflops_per_s"] = flops / step / 1e9
+            entry["mfu"] = flops / step / peak
+            entry["mfu_paired"] = statistics.median(
+                flops / s / (matmul_flops / m)
+                for s, m in zip(entry["step_s"], entry["matmul_s"], strict=True)
+            )
+        for entry in entries.values():
+            entry["mfu_ratio_dense"] = (
+                entry["mfu"] / entries["dense"]["mfu"] if "dense" in entries else None
+            )
 
 
 def print_table(report: dict[str, Any]) -> None:
