@@ -76,12 +76,15 @@ class DSCLayer(nn.Module):
 
     Parameter tree (``params``): ``mlp_in/kernel [d,H]``, ``mlp_out/kernel [H,d]``,
     ``router_norm/scale [d]`` and ``router_norm/bias [d]`` (refined only), ``router/kernel [d,M]``,
-    ``router/bias [M]``, ``basis_u [M,d]``, ``basis_v [M,d]``, ``gamma`` (``[d]`` refined,
-    ``[]`` basic).
+    ``router/bias [M]`` (``router="product_key"``: ``router/keys_1/{kernel [d//2, n₁], bias
+    [n₁]}`` and ``router/keys_2/{kernel [d - d//2, n₂], bias [n₂]}``), ``basis_u [M,d]``,
+    ``basis_v [M,d]``, ``gamma`` (``[d]`` refined, ``[]`` basic).
 
     Sown (never at ``init``): ``intermediates/top_k_indices [..., K]`` int32,
     ``intermediates/gates [..., K]`` (``ẑ``) and ``intermediates/signal [...]`` (``S``),
-    float32; ``losses/{aux, budget, frame, z}`` when ``"losses"`` is mutable.
+    float32; ``losses/{aux, budget, frame, z}`` when ``"losses"`` is mutable (``frame`` only
+    with ``frame_regularizer``; product-key ``aux``/``z``: see
+    :mod:`dsc_jax.layers.dsc_product_key`).
     """
 
     num_bases: int
