@@ -54,12 +54,13 @@ def parts(layer: DSCLayer, params: dict, x: jax.Array, key: jax.Array) -> dict[s
     def top_k_part(raw: jax.Array) -> jax.Array:
         return dsc_router.top_k_indices(raw, top_k, tau)
 
-    unit_u = dsc_router.normalize_rows(params["basis_u"], layer.eps).astype(layer.dtype)
-    unit_v = dsc_router.normalize_rows(params["basis_v"], layer.eps).astype(layer.dtype)
     gates = jax.random.uniform(key, (num_tokens, top_k), jnp.float32) / top_k
 
-    def contract(tokens, unit_u, unit_v, gates):
-        return dsc_contract.gathered_contraction(tokens, unit_u, unit_v, indices, gates)
+    def contract(tokens, basis_u, basis_v, gates):
+        # The layer's gather path: only the N·K gathered raw bank rows are normalised.
+        return dsc_contract.normalized_gathered_contraction(
+            tokens, basis_u, basis_v, indices, gates, layer.eps
+        )
 
     w_in = params["mlp_in"]["kernel"].astype(layer.dtype)
     w_out = params["mlp_out"]["kernel"].astype(layer.dtype)
@@ -96,8 +97,8 @@ def parts(layer: DSCLayer, params: dict, x: jax.Array, key: jax.Array) -> dict[s
         "contract": (
             jax.jit(contract),
             vjp_function(contract, (0, 1, 2, 3)),
-            (tokens, unit_u, unit_v, gates),
-            (tokens, unit_u, unit_v, gates, cot),
+            (tokens, params["basis_u"], params["basis_v"], gates),
+            (tokens, params["basis_u"], params["basis_v"], gates, cot),
         ),
         "static_ffn": (
             jax.jit(static_ffn),

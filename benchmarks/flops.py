@@ -16,7 +16,7 @@ import flax.linen as nn
 from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig
 from dsc_jax.layers.dense import DenseFFN
 from dsc_jax.layers.dsc import DSCLayer
-from dsc_jax.layers.moe import MoELayer, expert_capacity, sorted_tile_size
+from dsc_jax.layers.moe import MoELayer, expert_capacity, sorted_buffer_rows
 from dsc_jax.layers.molora import MoLoRALayer
 
 IMPLEMENTATIONS = (
@@ -118,9 +118,10 @@ def build_implementations(
       (``x·u_j`` and ``Σ c_j v_j`` over the K gathered atoms), ``dense``: ``4·N·M·d`` (``x Uᵀ``
       and ``c V`` over all M atoms with a K-sparse ``c``).
     * MoE: gate ``2·N·d·E`` + experts, ``dense``: ``4·E·N·d·H_e`` + combine ``2·N·k·E`` (one-hot
-      einsum) + ``2·N·E·d``; ``dropless``: ``4·N·k·d·H_e`` (ragged dots over the ``N·k`` slots)
-      + combine ``2·N·k·d``; ``capacity``: ``4·E·C·d·H_e`` with ``C = ceil(cf·N·k/E)`` + combine
-      ``2·N·k·d``.
+      einsum) + ``2·N·E·d``; ``sorted``: ``4·R·d·H_e`` over the ``R = ⌈(N·k + E·(T−1))/T⌉·T``
+      padded buffer rows (tile ``T``) + combine ``2·N·k·d``; ``dropless``: ``4·N·k·d·H_e``
+      (ragged dots over the ``N·k`` slots) + combine ``2·N·k·d``; ``capacity``:
+      ``4·E·C·d·H_e`` with ``C = ceil(cf·N·k/E)`` + combine ``2·N·k·d``.
     * MoLoRA: static FFN ``4·N·d·H`` + router ``2·N·d·E`` + experts ``4·N·E·d·r`` (``x A_e``
       for every expert, then the gate-masked ``[N, E·r] × [E·r, d]`` contraction; the routed
       share is ``4·N·k·d·r``).
@@ -155,9 +156,9 @@ def build_implementations(
 
     e, k, h = sizes.moe_num_experts, sizes.moe_top_k, sizes.moe_hidden_dim
     capacity = expert_capacity(sizes.moe_capacity_factor, n, k, e)
-    tile = sorted_tile_size(n * k, e)
-    sorted_rows = (-(-n * k // tile) + e) * tile  # "sorted" runs every (padded) tile
     gate = 2 * n * d * e
+    tile = MoEConfig().tile_size
+    sorted_rows = sorted_buffer_rows(n, k, e, tile)  # static buffer of "sorted"
     active = gate + 4 * n * k * d * h + 2 * n * k * d
     for mode, flops, text in (
         (
@@ -169,7 +170,7 @@ def build_implementations(
         (
             "sorted",
             gate + 4 * sorted_rows * d * h + 2 * n * k * d,
-            f"2·N·d·E + 4·R·d·H_e + 2·N·k·d (R={sorted_rows} tile rows)",
+            f"2·N·d·E + 4·R·d·H_e + 2·N·k·d (R={sorted_rows} padded rows)",
         ),
         (
             "capacity",
@@ -208,3 +209,48 @@ def build_implementations(
 def gemm_columns(flops: int, num_tokens: int, d_model: int) -> int:
     """Output width of the GEMM-equivalent ``[N, d] × [d, F / (2 N d)]`` (rounded, >= 1)."""
     return max(1, round(flops / (2 * num_tokens * d_model)))
+
+
+def ffn_active_matmul_params(ffn: Any, d_model: int) -> int:
+    """Matmul parameters one token multiplies through in one FFN layer (``ffn``: a per-kind
+    config of :mod:`dsc_jax.layers.configs`). Router/gate weights count (every token multiplies
+    through all of them); only the routed (top-k) experts / atoms count.
+
+    * dense: ``2·d·H``; MoE: ``d·E + k·2·d·H_e``; MoLoRA: ``2·d·H + d·E + k·2·d·r``;
+      DSC: ``2·d·H + d·M + K·2·d`` (the K rank-1 atoms ``u_j``, ``v_j``).
+    """
+    d = d_model
+    if ffn.kind == "dense":
+        return 2 * d * ffn.hidden_dim
+    if ffn.kind == "moe":
+        return d * ffn.num_experts + ffn.top_k * 2 * d * ffn.hidden_dim
+    if ffn.kind == "molora":
+        return 2 * d * ffn.hidden_dim + d * ffn.num_experts + ffn.top_k * 2 * d * ffn.rank
+    if ffn.kind == "dsc":
+        return 2 * d * ffn.hidden_dim + d * ffn.num_bases + ffn.top_k * 2 * d
+    raise ValueError(f"unknown FFN kind {ffn.kind!r}")
+
+
+def model_active_matmul_params(cfg: Any) -> int:
+    """Active matmul parameters of a :class:`dsc_jax.GPTConfig` per token: per layer the
+    attention projections ``4·d²`` and the FFN's :func:`ffn_active_matmul_params`, plus the
+    LM head ``d·V`` (embedding lookups are not matmuls)."""
+    d = cfg.d_model
+    per_layer = 4 * d * d + ffn_active_matmul_params(cfg.ffn, d)
+    return cfg.num_layers * per_layer + d * cfg.vocab_size
+
+
+def model_train_flops(cfg: Any, batch: int, seq_len: int) -> dict[str, int]:
+    """Model FLOPs of one training step (forward + backward = 3 × forward) on ``batch × seq_len``
+    tokens ``N``, counting ``2·m·n·k`` per matmul:
+
+    * parameters: ``6 · P_active · N`` (:func:`model_active_matmul_params`);
+    * attention scores and values: ``12 · L · T · d · N`` (``Q Kᵀ`` and ``P V``, each
+      ``2·T·d`` FLOPs per token per layer forward, the full ``T×T`` not the causal half).
+
+    Returns ``{"params": ..., "attention": ..., "total": ...}``.
+    """
+    tokens = batch * seq_len
+    params = 6 * model_active_matmul_params(cfg) * tokens
+    attention = 12 * cfg.num_layers * seq_len * cfg.d_model * tokens
+    return {"params": params, "attention": attention, "total": params + attention}

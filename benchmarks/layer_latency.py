@@ -249,7 +249,7 @@ def run_benchmark(
         "dsc_auto_resolves_to": resolve_compute("auto", sizes.dsc_num_bases, sizes.dsc_top_k),
         "dsc_auto_dense_max_bases_per_active": AUTO_DENSE_MAX_BASES_PER_ACTIVE,
         "moe_auto_resolves_to": resolve_dispatch(
-            "auto", sizes.moe_num_experts, sizes.moe_top_k, device.platform
+            "auto", sizes.moe_num_experts, sizes.moe_top_k, device.platform, num_tokens
         ),
         "iters": iters,
         "warmup": warmup,

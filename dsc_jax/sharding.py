@@ -52,6 +52,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vocab", "tensor"),  # token embedding / tied head rows
     ("bases", "tensor"),  # DSC atoms: bank rows and router columns (basis parallelism)
     ("experts", "tensor"),  # only taken when no mlp dim claimed "tensor"
+    ("subkeys", None),  # DSC product-key sub-key tables (√M keys): small, kept whole
     ("kv", None),  # head dim: small, kept whole
     ("position", None),  # learned positions: small, kept whole
     ("rank", None),  # LoRA rank: small, kept whole

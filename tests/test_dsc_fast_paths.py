@@ -92,6 +92,33 @@ def test_gathered_contraction_value_and_vjp():
         )
 
 
+def test_normalized_gathered_contraction_value_and_vjp():
+    """Normalising only the gathered rows (custom Jacobian) = normalise the whole bank first
+    (autodiff), including a row shorter than ε (gradient g / ε there)."""
+    keys = jax.random.split(jax.random.key(6), 6)
+    n, m, k, d, eps = 50, 30, 4, 12, 1e-3
+    x = jax.random.normal(keys[0], (n, d))
+    bank_u = jax.random.normal(keys[1], (m, d)) * 3.0
+    bank_v = jax.random.normal(keys[2], (m, d)) * 0.5
+    bank_u = bank_u.at[3].set(1e-5)  # ‖row‖ < ε
+    indices = jax.random.randint(keys[3], (n, k), 0, m).at[0, 0].set(3)
+    gates = jax.random.uniform(keys[4], (n, k))
+    cotangent = jax.random.normal(keys[5], (n, d))
+
+    def plain(x, bu, bv, idx, g):
+        unit_u, unit_v = dsc_router.normalize_rows(bu, eps), dsc_router.normalize_rows(bv, eps)
+        return einsum_contraction(x, unit_u, unit_v, idx, g)
+
+    args = (x, bank_u, bank_v, indices, gates)
+    got, got_vjp = jax.vjp(lambda *a: dsc_contract.normalized_gathered_contraction(*a, eps), *args)
+    want, want_vjp = jax.vjp(plain, *args)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for index in (0, 1, 2, 4):
+        np.testing.assert_allclose(
+            got_vjp(cotangent)[index], want_vjp(cotangent)[index], rtol=1e-4, atol=1e-4
+        )
+
+
 def test_sparse_logit_gradient_matches_dense_autodiff():
     keys = jax.random.split(jax.random.key(5), 5)
     n, m, k, d = 40, 33, 3, 8

@@ -132,6 +132,7 @@ class MoEVariantsTest(chex.TestCase):
         ("dense", {"dispatch": "dense"}),
         ("dropless", {"dispatch": "dropless"}),
         ("sorted", {"dispatch": "sorted"}),
+        ("sorted_small_tiles", {"dispatch": "sorted", "tile_size": 3}),
         ("auto", {}),
         ("capacity_no_drop", NO_DROP),
     )
@@ -165,9 +166,9 @@ def test_dispatch_modes_agree_including_gradients():
         modes = (
             {"dispatch": "dense"},
             {"dispatch": "dropless"},
-            {"dispatch": "sorted"},
             {},
             NO_DROP,
+            {"dispatch": "sorted", "tile_size": 5},
         )
         return [jax.grad(loss)(p, make(**o)) for o in modes]
 
@@ -261,6 +262,7 @@ def test_bf16_compute_close_to_f32():
         ({"hidden_dim": 0}, "hidden_dim"),
         ({"dispatch": "sparse"}, "dispatch"),
         ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"tile_size": 0}, "tile_size"),
         ({"jitter_std": -0.01}, "jitter_std"),
         ({"dropout_rate": 1.0}, "dropout_rate"),
         ({"out_init_std": -0.02}, "out_init_std"),
@@ -285,36 +287,30 @@ def test_auto_dispatch_rule():
     from dsc_jax.layers.moe import resolve_dispatch
 
     assert MoELayer(num_experts=5, top_k=2, hidden_dim=4).dispatch == "auto"
-    assert resolve_dispatch("auto", 3, 2, "cpu") == "dense"
     assert resolve_dispatch("auto", 5, 2, "cpu") == "sorted"
     assert resolve_dispatch("auto", 64, 2, "cpu") == "sorted"
+    assert resolve_dispatch("auto", 2, 2, "cpu") == "dense"
+    assert resolve_dispatch("auto", 5, 2, "cpu", num_tokens=4096) == "sorted"
+    # Few tokens: the padding (E·(tile − 1) rows) outweighs dense's E·N rows.
+    assert resolve_dispatch("auto", 5, 2, "cpu", num_tokens=32) == "dense"
+    assert resolve_dispatch("auto", 5, 2, "cpu", num_tokens=32, tile_size=4) == "sorted"
     assert resolve_dispatch("auto", 5, 2, "gpu") == "dropless"
     assert resolve_dispatch("auto", 3, 2, "tpu") == "dense"
     assert resolve_dispatch("capacity", 5, 2, "cpu") == "capacity"
 
 
-@pytest.mark.parametrize("tile", [8, 16])
-def test_sorted_dispatch_is_exact_with_uneven_groups(tile):
-    """Groups of every size (empty, one row, several tiles): equal to the per-slot loop."""
-    from dsc_jax.layers.moe import sorted_dispatch
+def test_sorted_dispatch_equals_dropless_on_skewed_routing():
+    from dsc_jax.layers.moe import sorted_tile_dispatch
 
-    rng = np.random.default_rng(0)
-    num_tokens, top_k, experts, d, h = 37, 2, 6, 8, 5
-    indices = np.stack([rng.permutation(experts)[:top_k] for _ in range(num_tokens)])
-    indices[:20, 0] = 1  # one crowded expert; expert 5 may stay empty
-    indices[indices == 5] = 4
-    indices[:, 1] = np.where(indices[:, 1] == indices[:, 0], (indices[:, 0] + 2) % 5, indices[:, 1])
-    tokens = rng.standard_normal((num_tokens, d)).astype(np.float32)
-    w_in = rng.standard_normal((experts, d, h)).astype(np.float32)
-    w_out = rng.standard_normal((experts, h, d)).astype(np.float32)
-    gates = rng.random((num_tokens, top_k)).astype(np.float32)
-    got = sorted_dispatch(
-        *map(jnp.asarray, (tokens, w_in, w_out, indices.astype(np.int32), gates)), tile=tile
-    )
-    want = np.zeros((num_tokens, d))
-    gelu = lambda v: 0.5 * v * (1 + np.vectorize(math.erf)(v / np.sqrt(2)))  # noqa: E731
-    for n in range(num_tokens):
-        for j in range(top_k):
-            e = indices[n, j]
-            want[n] += gates[n, j] * gelu(tokens[n] @ w_in[e]) @ w_out[e]
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.standard_normal((37, D)), jnp.float32)
+    w_in = jnp.asarray(rng.standard_normal((E, D, H)) / 4, jnp.float32)
+    w_out = jnp.asarray(rng.standard_normal((E, H, D)) / 6, jnp.float32)
+    # Expert 0 gets most slots, expert 3 none: groups of very different sizes.
+    indices = jnp.asarray(rng.choice(3, size=(37, K), p=[0.8, 0.15, 0.05]), jnp.int32)
+    indices = indices.at[:, 1].set((indices[:, 0] + 1) % 3)
+    gates = jnp.asarray(rng.uniform(size=(37, K)), jnp.float32)
+    want = make(dispatch="dropless")._dropless_dispatch(tokens, w_in, w_out, indices, gates)
+    for tile in (1, 4, 16, 128):
+        got = sorted_tile_dispatch(tokens, w_in, w_out, indices, gates, tile)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

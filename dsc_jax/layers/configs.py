@@ -84,7 +84,7 @@ class DenseConfig(_FFNConfig):
 @dataclasses.dataclass(frozen=True)
 class MoEConfig(_FFNConfig):
     """:class:`dsc_jax.MoELayer`: ``num_experts`` E, ``top_k``, ``hidden_dim`` (each expert),
-    ``dispatch``, ``capacity_factor``, ``jitter_std``."""
+    ``dispatch``, ``capacity_factor``, ``tile_size`` (``"sorted"``), ``jitter_std``."""
 
     kind: ClassVar[str] = "moe"
     layer_class: ClassVar[type[nn.Module]] = MoELayer
@@ -93,6 +93,7 @@ class MoEConfig(_FFNConfig):
     hidden_dim: int = paper.MOE_HIDDEN
     dispatch: str = "auto"
     capacity_factor: float = 1.25
+    tile_size: int = 256
     jitter_std: float = paper.MOE_JITTER_STD
     out_init_std: float | None = None
 
@@ -127,6 +128,9 @@ class DSCConfig(_FFNConfig):
     hidden_dim: int = paper.DSC_HIDDEN
     variant: str = "refined"
     compute: str = "auto"
+    router: str = "flat"
+    product_key_rows: int = 0
+    frame_regularizer: bool = True
     tau: float = paper.TAU
     eps: float = paper.EPS
     gamma_init: float = paper.GAMMA_INIT

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from dsc_jax import _checks, paper
-from dsc_jax.layers import common, dsc_contract, dsc_router
+from dsc_jax.layers import common, dsc_contract, dsc_product_key, dsc_router
 
 VARIANTS = ("refined", "basic")
+ROUTERS = ("flat", "product_key")
 COMPUTE_MODES = ("auto", "gather", "dense")
 
 # "auto" picks "dense" (two [N,d]x[d,M] matmuls over every atom) when the bank is at most this
@@ -60,6 +61,12 @@ class DSCLayer(nn.Module):
         trainer's bank projection makes them unit at step 0 anyway; the reference code uses
         0.02 and never re-projects (reproduce it with ``bank_projection="none"``).
       compute: ``"gather"``, ``"dense"`` or ``"auto"`` (see :func:`resolve_compute`).
+      router: ``"flat"`` (one ``[d, M]`` router) or ``"product_key"`` (two sub-key tables of
+        ``n₁ × n₂ = M`` keys over the two halves of the router input, exact two-stage top-K;
+        see :mod:`dsc_jax.layers.dsc_product_key`).
+      product_key_rows: ``n₁`` of the product-key router (``0``: ``√M``, M a perfect square).
+      frame_regularizer: sow the frame loss (``O(M d²)`` FLOPs per call, independent of the
+        token count: at M=65,536, d=384 about 39 GFLOP forward; turn it off at large M).
       dropout_rate: dropout on the output when ``deterministic=False``.
       init_std: std of ``mlp_in`` and the router kernel (spec: 0.02).
       out_init_std: std of ``mlp_out``, the static FFN's output projection (spec §1: 0.02).
@@ -69,12 +76,15 @@ class DSCLayer(nn.Module):
 
     Parameter tree (``params``): ``mlp_in/kernel [d,H]``, ``mlp_out/kernel [H,d]``,
     ``router_norm/scale [d]`` and ``router_norm/bias [d]`` (refined only), ``router/kernel [d,M]``,
-    ``router/bias [M]``, ``basis_u [M,d]``, ``basis_v [M,d]``, ``gamma`` (``[d]`` refined,
-    ``[]`` basic).
+    ``router/bias [M]`` (``router="product_key"``: ``router/keys_1/{kernel [d//2, n₁], bias
+    [n₁]}`` and ``router/keys_2/{kernel [d - d//2, n₂], bias [n₂]}``), ``basis_u [M,d]``,
+    ``basis_v [M,d]``, ``gamma`` (``[d]`` refined, ``[]`` basic).
 
     Sown (never at ``init``): ``intermediates/top_k_indices [..., K]`` int32,
     ``intermediates/gates [..., K]`` (``ẑ``) and ``intermediates/signal [...]`` (``S``),
-    float32; ``losses/{aux, budget, frame, z}`` when ``"losses"`` is mutable.
+    float32; ``losses/{aux, budget, frame, z}`` when ``"losses"`` is mutable (``frame`` only
+    with ``frame_regularizer``; product-key ``aux``/``z``: see
+    :mod:`dsc_jax.layers.dsc_product_key`).
     """
 
     num_bases: int
@@ -87,6 +97,9 @@ class DSCLayer(nn.Module):
     budget_target: float = paper.BUDGET_TARGET
     bank_init_scale: float = 1.0
     compute: str = "auto"
+    router: str = "flat"
+    product_key_rows: int = 0
+    frame_regularizer: bool = True
     dropout_rate: float = 0.0
     init_std: float = paper.INIT_STD
     out_init_std: float = paper.INIT_STD
@@ -100,6 +113,15 @@ class DSCLayer(nn.Module):
         common.check_common_fields(self)
         _checks.check_choice(name, "variant", self.variant, VARIANTS)
         _checks.check_choice(name, "compute", self.compute, COMPUTE_MODES)
+        _checks.check_choice(name, "router", self.router, ROUTERS)
+        _checks.check_choice(name, "frame_regularizer", self.frame_regularizer, (True, False))
+        if self.router == "product_key":
+            dsc_product_key.product_key_shape(name, self.num_bases, self.product_key_rows)
+        elif self.product_key_rows:
+            raise ValueError(
+                f"{name}.product_key_rows={self.product_key_rows} is invalid with "
+                "router='flat'; expected 0."
+            )
         _checks.check_positive_float(name, "tau", self.tau)
         _checks.check_positive_float(name, "eps", self.eps)
         _checks.check_positive_float(name, "budget_target", self.budget_target, allow_zero=True)
@@ -139,6 +161,22 @@ class DSCLayer(nn.Module):
         router_in = x.astype(jnp.float32)
         if self.variant == "refined":
             router_in = common.router_layer_norm(self.param_dtype)(router_in)
+        if self.router == "product_key":
+            rows, cols = dsc_product_key.product_key_shape(
+                type(self).__name__, self.num_bases, self.product_key_rows
+            )
+            scores = dsc_product_key.ProductKeyRouter(
+                rows, cols, self.init_std, self.param_dtype, name="router"
+            )(router_in)
+            routing = dsc_product_key.route_product_key(*scores, self.top_k, self.tau, self.eps)
+            logits: Any = scores
+        else:
+            routing, logits = self._flat_route(router_in)
+        return self._finish(x, static_out, routing, logits, d_model, lead_shape, deterministic)
+
+    def _flat_route(self, router_in: jax.Array) -> tuple[dsc_router.RouterOutput, jax.Array]:
+        """The ``[d, M]`` router and :func:`dsc_router.route`; returns ``(routing,
+        raw_logits [N, M])``."""
         router = nn.Dense(
             self.num_bases,
             dtype=jnp.float32,
@@ -159,14 +197,26 @@ class DSCLayer(nn.Module):
         routing = dsc_router.route(
             raw_logits, self.top_k, self.tau, self.eps, selected_gradient=selected_gradient
         )
+        return routing, raw_logits
+
+    def _finish(
+        self,
+        x: jax.Array,
+        static_out: jax.Array,
+        routing: dsc_router.RouterOutput,
+        logits: Any,
+        d_model: int,
+        lead_shape: tuple[int, ...],
+        deterministic: bool,
+    ) -> jax.Array:
+        """Bank, contraction, output and sown diagnostics / losses. ``logits``: the flat
+        router's raw ``[N, M]`` logits, or the product-key router's two score tables."""
 
         # Bank, normalised in the forward pass too (imported banks stay valid).
         bank_init = common.orthogonal(self.bank_init_scale, ("bases", "embed"))
         bank_shape = (self.num_bases, d_model)
         basis_u = self.param("basis_u", bank_init, bank_shape, self.param_dtype)
         basis_v = self.param("basis_v", bank_init, bank_shape, self.param_dtype)
-        unit_u = dsc_router.normalize_rows(basis_u, self.eps)
-        unit_v = dsc_router.normalize_rows(basis_v, self.eps)
         gamma_shape, gamma_names = (
             ((d_model,), ("embed",)) if self.variant == "refined" else ((), ())
         )
@@ -177,20 +227,20 @@ class DSCLayer(nn.Module):
             self.param_dtype,
         )
 
-        dynamic = self._contract(x, unit_u, unit_v, routing)  # [N, d]
+        dynamic = self._contract(x, basis_u, basis_v, routing)  # [N, d]
         y = static_out + (dynamic * gamma.astype(self.dtype)).astype(self.dtype)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
         if not self.is_initializing():  # keep diagnostics and losses out of `init`'s variables
-            self._sow(routing, raw_logits, unit_u, unit_v, lead_shape)
+            self._sow(routing, logits, basis_u, basis_v, lead_shape)
         return y.reshape(*lead_shape, d_model).astype(self.dtype)
 
     def _sow(
         self,
         routing: dsc_router.RouterOutput,
-        raw_logits: jax.Array,
-        unit_u: jax.Array,
-        unit_v: jax.Array,
+        logits: Any,
+        basis_u: jax.Array,
+        basis_v: jax.Array,
         lead_shape: tuple[int, ...],
     ) -> None:
         """Diagnostics into ``intermediates``; unweighted regularisers into mutable ``losses``."""
@@ -198,27 +248,37 @@ class DSCLayer(nn.Module):
         self.sow("intermediates", "gates", routing.coefficients.reshape(*lead_shape, -1))
         self.sow("intermediates", "signal", routing.signal.reshape(lead_shape))
         if self.is_mutable_collection("losses"):
-            self.sow("losses", "aux", dsc_router.aux_loss(routing.clipped_logits))
+            if self.router == "flat":
+                aux = dsc_router.aux_loss(routing.clipped_logits)
+                z = common.z_loss(logits)
+            else:
+                aux = dsc_product_key.product_key_aux_loss(*logits, self.tau)
+                z = dsc_product_key.product_key_z_loss(*logits)
+            self.sow("losses", "aux", aux)
             self.sow("losses", "budget", dsc_router.budget_loss(routing.signal, self.budget_target))
-            self.sow("losses", "frame", dsc_router.frame_loss(unit_u, unit_v))
-            self.sow("losses", "z", common.z_loss(raw_logits))
+            if self.frame_regularizer:
+                unit_u = dsc_router.normalize_rows(basis_u, self.eps)
+                unit_v = dsc_router.normalize_rows(basis_v, self.eps)
+                self.sow("losses", "frame", dsc_router.frame_loss(unit_u, unit_v))
+            self.sow("losses", "z", z)
 
     def _contract(
         self,
         x: jax.Array,
-        unit_u: jax.Array,
-        unit_v: jax.Array,
+        basis_u: jax.Array,
+        basis_v: jax.Array,
         routing: dsc_router.RouterOutput,
     ) -> jax.Array:
-        """``((x U_Iᵀ) ⊙ ẑ) V_I`` for ``x: [N, d]``, banks ``[M, d]``; returns ``[N, d]``."""
+        """``((x U_Iᵀ) ⊙ ẑ) V_I`` for ``x: [N, d]``, raw banks ``[M, d]`` (rows normalised here:
+        "gather" normalises only the ``N·K`` gathered rows); returns ``[N, d]``."""
         x = x.astype(self.dtype)
-        unit_u = unit_u.astype(self.dtype)
-        unit_v = unit_v.astype(self.dtype)
         mode = resolve_compute(self.compute, self.num_bases, self.top_k)
         if mode == "gather":
-            return dsc_contract.gathered_contraction(
-                x, unit_u, unit_v, routing.indices, routing.coefficients
+            return dsc_contract.normalized_gathered_contraction(
+                x, basis_u, basis_v, routing.indices, routing.coefficients, self.eps
             )
+        unit_u = dsc_router.normalize_rows(basis_u, self.eps).astype(self.dtype)
+        unit_v = dsc_router.normalize_rows(basis_v, self.eps).astype(self.dtype)
         # "dense": project onto every atom, keep the selected K through a sparse coefficient row.
         num_tokens = x.shape[0]
         projections = jnp.einsum("nd,md->nm", x, unit_u, preferred_element_type=jnp.float32)

@@ -60,11 +60,18 @@ def route(
     else:
         selected = jnp.take_along_axis(jax.lax.stop_gradient(raw_logits), indices, axis=-1)
         selected = selected_gradient(selected, indices)
+    coefficients, signal = gate(selected, tau, eps)
+    return RouterOutput(indices, coefficients, signal, clipped)
+
+
+def gate(selected: jax.Array, tau: float, eps: float) -> tuple[jax.Array, jax.Array]:
+    """``(ẑ, S)`` from the selected raw logits ``[..., K]``: ``φ = softplus(clip(r, -τ, τ))``,
+    ``S = Σ_k φ_k``, ``ẑ = φ / (S + ε) · tanh(S)`` (spec §2 steps 3-5)."""
     # φ from the K winners only: the same elementwise ops as softplus(clip(r)) on all M.
     phi = _alpha(selected, tau)
     signal = jnp.sum(phi, axis=-1)
     coefficients = phi / (signal + eps)[..., None] * jnp.tanh(signal)[..., None]
-    return RouterOutput(indices, coefficients, signal, clipped)
+    return coefficients, signal
 
 
 def _alpha(raw_logits: jax.Array, tau: float) -> jax.Array:

@@ -10,11 +10,10 @@ Dispatch modes (identical results when no token is dropped; ``"auto"``, the defa
 * ``"dense"``: every expert on every token, then a masked combine (``O(E)`` FLOPs per token).
 * ``"dropless"``: token-slots sorted by expert, two ``jax.lax.ragged_dot`` calls with per-expert
   group sizes over ``N·k`` rows (static shapes, nothing dropped).
-* ``"sorted"``: token-slots sorted by expert into one buffer of ``N·k + E·(tile − 1)`` rows
-  where each expert's group is padded to whole tiles; every tile is one expert's, so the
-  experts run as one batched matmul over tiles with per-tile weights (nothing dropped;
-  at most ``E·(tile − 1)`` padding rows of extra work). Exact, like ``"dropless"``, without
-  ``ragged_dot``.
+* ``"sorted"``: token-slots placed in expert order into a buffer where each expert's group is
+  padded to a multiple of ``tile_size`` rows (static ``N·k + E·(tile_size − 1)`` rows, rounded
+  up to whole tiles), then one ``[tile, d] × [d, H]`` matmul per tile with that tile's expert's
+  weights (a batched matmul over gathered weights; nothing dropped, plain dense kernels).
 * ``"capacity"``: GShard-style buffers of ``C = ceil(capacity_factor · N · k / E)`` slots per
   expert; slots beyond ``C`` are dropped (contribute 0). Priority: every token's first choice
   before any second choice, tokens in order within a choice rank.
@@ -48,78 +47,43 @@ from dsc_jax.layers.common import (
 
 DISPATCH_MODES = ("auto", "dense", "dropless", "sorted", "capacity")
 
-# "auto" picks "dense" (every expert on every token: E/k times the routed FLOPs, in plain
-# batched matmuls) when E/k is at most 1.5; otherwise "sorted" on CPU and "dropless" on
-# accelerators. All three drop nothing and give the same outputs. XLA:CPU lowers
-# ``ragged_dot`` to slow loops (dropless ~1.9x slower than dense forward); "sorted" runs the
-# experts as one batched matmul over expert-aligned tiles. Measured in one process on CPU
-# (float32, 4096 tokens, d=384, E=5, k=2, H_e=545; benchmarks/layer_latency.py --only moe):
-# vs a GEMM of the routed FLOPs, dense 2.16x forward / 7.6x forward+backward, sorted 1.72x /
-# 3.75x. GPUs and TPUs run ``ragged_dot`` as a grouped GEMM.
-AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE = 1.5
-AUTO_SPARSE_DISPATCH = {"cpu": "sorted"}
+# "auto" on accelerators picks "dense" (every expert on every token: E/k times the routed
+# FLOPs, in plain batched matmuls) when E/k is at most this, else "dropless" (``ragged_dot``,
+# a grouped GEMM there). On CPU it picks "sorted" whenever its padded buffer
+# (``N·k + E·(tile − 1)`` rows) is smaller than dense's ``E·N`` rows, else "dense": XLA:CPU
+# lowers ``ragged_dot`` to slow loops, while "sorted" runs plain batched matmuls. Measured with
+# benchmarks/layer_latency.py (float32, 4096 tokens, d=384, E=5, k=2, H_e=545, tile 256):
+# sorted / dense = 0.82 forward and 0.53 forward+backward; dropless / dense = 2.2 and 1.9.
+# All modes but "capacity" drop nothing and give the same outputs.
+AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE_ACCELERATOR = 1.5
+
+
+def sorted_buffer_rows(num_tokens: int, top_k: int, num_experts: int, tile_size: int) -> int:
+    """Static rows of the ``"sorted"`` buffer: ``N·k + E·(tile − 1)`` rounded up to tiles."""
+    rows = num_tokens * top_k + num_experts * (tile_size - 1)
+    return -(-rows // tile_size) * tile_size
 
 
 def resolve_dispatch(
-    dispatch: str, num_experts: int, top_k: int, platform: str | None = None
+    dispatch: str,
+    num_experts: int,
+    top_k: int,
+    platform: str | None = None,
+    num_tokens: int | None = None,
+    tile_size: int = 256,
 ) -> str:
-    """The dispatch ``dispatch`` selects on ``platform`` (default: JAX's default backend)."""
+    """The dispatch ``dispatch`` selects on ``platform`` (default: JAX's default backend) for
+    ``num_tokens`` tokens (unknown: assume many)."""
     if dispatch != "auto":
         return dispatch
-    if num_experts <= AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE * top_k:
-        return "dense"
-    return AUTO_SPARSE_DISPATCH.get(platform or jax.default_backend(), "dropless")
-
-
-def sorted_tile_size(num_slots: int, num_experts: int) -> int:
-    """Rows per tile of ``"sorted"`` dispatch: about ``N·k / (8 E)`` (padding adds at most
-    1/8 of the routed work), a multiple of 8 in ``[8, 512]``."""
-    return int(min(512, max(8, (num_slots // (8 * num_experts)) // 8 * 8)))
-
-
-def sorted_dispatch(
-    tokens: jax.Array,
-    w_in: jax.Array,
-    w_out: jax.Array,
-    indices: jax.Array,
-    gates: jax.Array,
-    tile: int | None = None,
-) -> jax.Array:
-    """Exact top-k expert mixture by sorting token-slots into expert-aligned tiles.
-
-    Args:
-      tokens: ``[N, d]``; w_in: ``[E, d, H]``; w_out: ``[E, H, d]``.
-      indices: ``[N, k]`` int32 chosen experts; gates: ``[N, k]`` combine weights.
-      tile: rows per tile (static); default :func:`sorted_tile_size`.
-
-    Returns:
-      ``[N, d]``: ``Σ_k gates[n, k] · GELU(tokens[n] W_in[e]) W_out[e]`` with ``e = indices[n, k]``.
-    """
-    num_tokens, top_k = indices.shape
-    num_experts, model_dim = w_in.shape[0], tokens.shape[-1]
-    num_slots = num_tokens * top_k
-    tile = tile or sorted_tile_size(num_slots, num_experts)
-    num_tiles = -(-num_slots // tile) + num_experts  # Σ_e ceil(n_e / tile) <= this
-    slot_expert = indices.reshape(-1)  # slot s belongs to token s // k
-    order = jnp.argsort(slot_expert, stable=True)  # slots grouped by expert
-    counts = jnp.bincount(slot_expert, length=num_experts)
-    padded = -(-counts // tile) * tile
-    padded_end = jnp.cumsum(padded)
-    sorted_expert = slot_expert[order]
-    rank = jnp.arange(num_slots) - (jnp.cumsum(counts) - counts)[sorted_expert]
-    row_of_sorted = (padded_end - padded)[sorted_expert] + rank  # buffer row of each slot
-    row = jnp.zeros((num_slots,), jnp.int32).at[order].set(row_of_sorted.astype(jnp.int32))
-    buffer = jnp.zeros((num_tiles * tile, model_dim), tokens.dtype)
-    buffer = buffer.at[row].set(jnp.repeat(tokens, top_k, axis=0), unique_indices=True)
-    # Tile t holds rows [t·tile, (t+1)·tile): all of one expert (unused tiles: zeros).
-    tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right")
-    tile_expert = jnp.minimum(tile_expert, num_experts - 1)
-    hidden = jnp.einsum(
-        "tcd,tdh->tch", buffer.reshape(num_tiles, tile, model_dim), w_in[tile_expert]
-    )
-    out = jnp.einsum("tch,thd->tcd", jax.nn.gelu(hidden, approximate=False), w_out[tile_expert])
-    slot_out = out.reshape(num_tiles * tile, model_dim)[row].reshape(num_tokens, top_k, -1)
-    return jnp.einsum("nkd,nk->nd", slot_out, gates)
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        if num_tokens is None:
+            return "sorted" if num_experts > top_k else "dense"
+        rows = sorted_buffer_rows(num_tokens, top_k, num_experts, tile_size)
+        return "sorted" if rows < num_experts * num_tokens else "dense"
+    limit = AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE_ACCELERATOR
+    return "dense" if num_experts <= limit * top_k else "dropless"
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -150,6 +114,7 @@ class MoELayer(nn.Module):
       dispatch: ``"auto"`` (default: ``"dense"`` or ``"dropless"``, see
         :func:`resolve_dispatch`), ``"dense"``, ``"dropless"`` or ``"capacity"``.
       capacity_factor: ``"capacity"`` mode only; ``C = ceil(capacity_factor · N · k / E)``.
+      tile_size: ``"sorted"`` mode only; rows per tile (each tile holds one expert's slots).
       jitter_std: std of the Gaussian noise added to the router logits in training.
       dropout_rate: dropout on the output when ``deterministic=False``.
       init_std: std of ``expert_in`` and the router kernel (spec: 0.02).
@@ -173,6 +138,7 @@ class MoELayer(nn.Module):
     hidden_dim: int
     dispatch: str = "auto"
     capacity_factor: float = 1.25
+    tile_size: int = 256
     jitter_std: float = paper.MOE_JITTER_STD
     dropout_rate: float = 0.0
     init_std: float = paper.INIT_STD
@@ -187,6 +153,7 @@ class MoELayer(nn.Module):
         check_common_fields(self)
         check_choice(owner, "dispatch", self.dispatch, DISPATCH_MODES)
         check_positive_float(owner, "capacity_factor", self.capacity_factor)
+        check_positive_int(owner, "tile_size", self.tile_size)
         check_positive_float(owner, "jitter_std", self.jitter_std, allow_zero=True)
         super().__post_init__()
 
@@ -249,13 +216,15 @@ class MoELayer(nn.Module):
 
         tokens = tokens.astype(self.dtype)
         w_in, w_out = w_in.astype(self.dtype), w_out.astype(self.dtype)
-        dispatch = resolve_dispatch(self.dispatch, num_experts, top_k)
+        dispatch = resolve_dispatch(
+            self.dispatch, num_experts, top_k, num_tokens=tokens.shape[0], tile_size=self.tile_size
+        )
         if dispatch == "dense":
             y = self._dense_dispatch(tokens, w_in, w_out, indices, gates)
         elif dispatch == "dropless":
             y = self._dropless_dispatch(tokens, w_in, w_out, indices, gates)
         elif dispatch == "sorted":
-            y = sorted_dispatch(tokens, w_in, w_out, indices, gates.astype(self.dtype))
+            y = sorted_tile_dispatch(tokens, w_in, w_out, indices, gates, self.tile_size)
         else:
             y = self._capacity_dispatch(tokens, w_in, w_out, indices, gates)
 
@@ -336,3 +305,51 @@ class MoELayer(nn.Module):
             fill_value=0,
         ).reshape(num_tokens, top_k, -1)
         return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(self.dtype))
+
+
+def sorted_tile_dispatch(
+    tokens: jax.Array,
+    w_in: jax.Array,
+    w_out: jax.Array,
+    indices: jax.Array,
+    gates: jax.Array,
+    tile_size: int,
+) -> jax.Array:
+    """Exact top-k MoE with per-tile dense matmuls (dispatch ``"sorted"``).
+
+    Slot ``s`` (token ``s // k``, expert ``e_s``) goes to row ``start_e + rank_s`` of a buffer
+    where expert ``e``'s group starts at ``start_e`` (the group sizes rounded up to a multiple of
+    ``tile_size``, summed over the experts before ``e``) and ``rank_s`` counts the earlier slots of
+    ``e``. The buffer has the static size ``ceil((N·k + E·(tile − 1)) / tile)`` tiles; padding rows
+    are zero and never read back. Tile ``t`` belongs to the expert whose padded range holds row
+    ``t·tile`` (trailing unused tiles take the last expert and compute on zeros).
+
+    Args:
+      tokens: ``[N, d]``; w_in: ``[E, d, H]``; w_out: ``[E, H, d]``; indices, gates: ``[N, k]``.
+      tile_size: rows per tile.
+
+    Returns:
+      ``[N, d]``: ``Σ_k gate · expert(token)``, identical to ``"dropless"`` up to rounding.
+    """
+    num_tokens, top_k = indices.shape
+    num_experts = w_in.shape[0]
+    slot_expert = indices.reshape(-1)  # [S], S = N·k
+    one_hot = jax.nn.one_hot(slot_expert, num_experts, dtype=jnp.int32)  # [S, E]
+    rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # rank within expert
+    group_sizes = jnp.sum(one_hot, axis=0)
+    padded = -(-group_sizes // tile_size) * tile_size
+    padded_end = jnp.cumsum(padded)
+    padded_start = padded_end - padded
+    num_tiles = sorted_buffer_rows(num_tokens, top_k, num_experts, tile_size) // tile_size
+    dest = padded_start[slot_expert] + rank  # [S] distinct rows < num_tiles·tile_size
+    buffer = jnp.zeros((num_tiles * tile_size, tokens.shape[-1]), tokens.dtype)
+    buffer = buffer.at[dest].set(jnp.repeat(tokens, top_k, axis=0), unique_indices=True)
+    tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tile_size
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(padded_end, tile_start, side="right"), num_experts - 1
+    )
+    tiles = buffer.reshape(num_tiles, tile_size, -1)
+    hidden = jax.nn.gelu(jnp.einsum("tcd,tdh->tch", tiles, w_in[tile_expert]), approximate=False)
+    out = jnp.einsum("tch,thd->tcd", hidden, w_out[tile_expert]).reshape(num_tiles * tile_size, -1)
+    slot_out = jnp.take(out, dest, axis=0).reshape(num_tokens, top_k, -1)
+    return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(tokens.dtype))

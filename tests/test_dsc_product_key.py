@@ -1,0 +1,214 @@
+"""DSCLayer(router="product_key"): exact two-stage top-K, the atoms actually used, per-token
+queries, regularisers without [N, M] arrays, equivalence to a flat router with the factorised
+kernel, and clear errors for bad M."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsc_jax import DSCConfig, GPTConfig
+from dsc_jax.layers import common, dsc_product_key
+from dsc_jax.layers.dsc import DSCLayer
+from dsc_jax.layers.dsc_router import normalize_rows
+from dsc_jax.models.gpt import GPT
+
+D = 12
+
+
+def _layer(**overrides) -> DSCLayer:
+    fields = dict(num_bases=32, top_k=3, hidden_dim=8, router="product_key", product_key_rows=4)
+    fields.update(overrides)
+    return DSCLayer(**fields)
+
+
+def _params(layer: DSCLayer, seed: int = 0, key_scale: float = 60.0) -> dict:
+    """Initialised params with large sub-key tables (spread-out routing) and random banks."""
+    x = jnp.zeros((1, D))
+    params = nn.unbox(layer.init(jax.random.key(seed), x)["params"])
+    keys = jax.random.split(jax.random.key(seed + 1), 4)
+    router = jax.tree.map(lambda p: p * key_scale, params["router"])
+    for i, name in enumerate(("keys_1", "keys_2")):
+        router[name]["bias"] = jax.random.normal(keys[i], router[name]["bias"].shape)
+    params["router"] = router
+    params["basis_u"] = jax.random.normal(keys[2], params["basis_u"].shape)
+    params["basis_v"] = jax.random.normal(keys[3], params["basis_v"].shape)
+    params["gamma"] = jnp.ones_like(params["gamma"])
+    return params
+
+
+def _brute_force(s1: jax.Array, s2: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    sums = (s1[:, :, None] + s2[:, None, :]).reshape(s1.shape[0], -1)
+    values, ids = jax.lax.top_k(sums, top_k)
+    return ids, values
+
+
+@pytest.mark.parametrize("rows,cols,top_k", [(5, 7, 4), (3, 8, 6), (16, 16, 4), (1, 9, 2)])
+def test_two_stage_top_k_is_exact(rows: int, cols: int, top_k: int) -> None:
+    k1, k2 = jax.random.split(jax.random.key(rows * cols + top_k))
+    s1 = jax.random.normal(k1, (64, rows))
+    s2 = jax.random.normal(k2, (64, cols))
+    ids, selected = dsc_product_key.product_key_top_k(s1, s2, top_k)
+    want_ids, want_values = _brute_force(s1, s2, top_k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(selected, want_values, rtol=0, atol=0)
+
+
+def test_two_stage_top_k_ties_take_the_lowest_atom_id() -> None:
+    # Small integers: the sums are exact, so many exact ties; lax.top_k on all M keeps the
+    # lowest index among equal values, and so must the two-stage search.
+    k1, k2 = jax.random.split(jax.random.key(3))
+    s1 = jax.random.randint(k1, (200, 6), 0, 3).astype(jnp.float32)
+    s2 = jax.random.randint(k2, (200, 5), 0, 3).astype(jnp.float32)
+    ids, _ = dsc_product_key.product_key_top_k(s1, s2, 4)
+    np.testing.assert_array_equal(ids, _brute_force(s1, s2, 4)[0])
+
+
+def _reference_output(layer: DSCLayer, params: dict, x: jax.Array) -> tuple[jax.Array, ...]:
+    """Materialise the selected atoms by id from the brute-force top-K over all M sums
+    (basic variant: the router input is x itself)."""
+    half = D // 2
+    r = params["router"]
+    s1 = x[:, :half] @ r["keys_1"]["kernel"] + r["keys_1"]["bias"]
+    s2 = x[:, half:] @ r["keys_2"]["kernel"] + r["keys_2"]["bias"]
+    ids, selected = _brute_force(s1, s2, layer.top_k)
+    phi = jax.nn.softplus(jnp.clip(selected, -layer.tau, layer.tau))
+    signal = phi.sum(-1)
+    gates = phi / (signal + layer.eps)[:, None] * jnp.tanh(signal)[:, None]
+    u = normalize_rows(params["basis_u"], layer.eps)[ids]  # [N, K, d], gathered BY ATOM ID
+    v = normalize_rows(params["basis_v"], layer.eps)[ids]
+    dynamic = jnp.einsum("nk,nkd->nd", gates * jnp.einsum("nd,nkd->nk", x, u), v)
+    static = jax.nn.gelu(x @ params["mlp_in"]["kernel"], approximate=False)
+    static = static @ params["mlp_out"]["kernel"]
+    return static + dynamic * params["gamma"], ids, gates
+
+
+@pytest.mark.parametrize("compute", ["gather", "dense"])
+def test_output_uses_the_routed_atoms(compute: str) -> None:
+    layer = _layer(variant="basic", compute=compute)
+    params = _params(layer)
+    x = jax.random.normal(jax.random.key(7), (40, D))
+    y, state = layer.apply({"params": params}, x, mutable=["intermediates"])
+    want, want_ids, want_gates = _reference_output(layer, params, x)
+    sown = state["intermediates"]
+    np.testing.assert_array_equal(sown["top_k_indices"][0], want_ids)
+    np.testing.assert_allclose(sown["gates"][0], want_gates, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-5)
+    assert int(jnp.max(want_ids)) >= layer.top_k  # not just atoms 0..K-1
+    assert len(np.unique(np.asarray(want_ids))) > 2 * layer.top_k
+
+
+def test_matches_flat_router_with_the_factorised_kernel() -> None:
+    pk = _layer(variant="refined")
+    flat = _layer(variant="refined", router="flat", product_key_rows=0)
+    params = _params(pk, key_scale=20.0)
+    x = jax.random.normal(jax.random.key(8), (2, 10, D))
+    rows, cols, half = 4, 8, D // 2
+    r = params["router"]
+    kernel = jnp.concatenate(
+        [
+            jnp.repeat(r["keys_1"]["kernel"], cols, axis=1),  # column j uses row-key j // cols
+            jnp.tile(r["keys_2"]["kernel"], (1, rows)),  # ... and column-key j % cols
+        ],
+        axis=0,
+    )
+    bias = jnp.repeat(r["keys_1"]["bias"], cols) + jnp.tile(r["keys_2"]["bias"], rows)
+    flat_params = {**params, "router": {"kernel": kernel, "bias": bias}}
+    assert kernel.shape == (D, 32) and half == 6
+
+    def run(module, p):
+        return module.apply(
+            {"params": p}, x, deterministic=False, mutable=["losses", "intermediates"]
+        )
+
+    y_pk, s_pk = run(pk, params)
+    y_flat, s_flat = run(flat, flat_params)
+    np.testing.assert_array_equal(
+        s_pk["intermediates"]["top_k_indices"][0], s_flat["intermediates"]["top_k_indices"][0]
+    )
+    np.testing.assert_allclose(y_pk, y_flat, rtol=1e-5, atol=1e-6)
+    # z-loss: logsumexp over all M sums = lse(s1) + lse(s2): the flat z-loss exactly.
+    np.testing.assert_allclose(s_pk["losses"]["z"][0], s_flat["losses"]["z"][0], rtol=1e-5)
+    np.testing.assert_allclose(s_pk["losses"]["frame"][0], s_flat["losses"]["frame"][0])
+
+    # Gradients of the output w.r.t. the shared parameters agree too.
+    cot = jax.random.normal(jax.random.key(9), y_pk.shape)
+
+    def grads(module, p):
+        return jax.grad(lambda q: jnp.sum(module.apply({"params": q}, x) * cot))(p)
+
+    g_pk, g_flat = grads(pk, params), grads(flat, flat_params)
+    for name in ("basis_u", "basis_v", "gamma", "mlp_in", "router_norm"):
+        np.testing.assert_allclose(
+            jax.tree.leaves(g_pk[name]), jax.tree.leaves(g_flat[name]), rtol=1e-4, atol=1e-6
+        )
+    # Chain rule through the factorisation: d keys_1 = Σ over the column keys.
+    want_k1 = g_flat["router"]["kernel"][:half].reshape(half, rows, cols).sum(-1)
+    np.testing.assert_allclose(g_pk["router"]["keys_1"]["kernel"], want_k1, rtol=1e-4, atol=1e-6)
+
+
+def test_query_is_normalised_per_token() -> None:
+    layer = _layer(variant="refined")
+    params = _params(layer)
+    x = jax.random.normal(jax.random.key(10), (1, 9, D))
+    y = layer.apply({"params": params}, x)
+    changed = x.at[0, 6].set(100.0 * jax.random.normal(jax.random.key(11), (D,)))
+    y_changed = layer.apply({"params": params}, changed)
+    keep = np.arange(9) != 6
+    np.testing.assert_array_equal(np.asarray(y)[0, keep], np.asarray(y_changed)[0, keep])
+    assert not np.allclose(y[0, 6], y_changed[0, 6])
+
+
+def test_regularisers_without_pool_sized_arrays() -> None:
+    zeros = jnp.zeros((5, 8))
+    assert float(dsc_product_key.product_key_aux_loss(zeros, zeros, 20.0)) == pytest.approx(1.0)
+    s1 = jax.random.normal(jax.random.key(12), (5, 4))
+    s2 = jax.random.normal(jax.random.key(13), (5, 8))
+    full = (s1[:, :, None] + s2[:, None, :]).reshape(5, 32)
+    np.testing.assert_allclose(
+        dsc_product_key.product_key_z_loss(s1, s2), common.z_loss(full), rtol=1e-6
+    )
+    layer = _layer(frame_regularizer=False)
+    _, state = layer.apply(
+        {"params": _params(layer)}, jnp.ones((3, D)), deterministic=False, mutable=["losses"]
+    )
+    assert set(state["losses"]) == {"aux", "budget", "z"}
+
+
+def test_bad_bank_sizes_raise_clearly() -> None:
+    with pytest.raises(ValueError, match="perfect square"):
+        DSCLayer(num_bases=50, top_k=2, hidden_dim=4, router="product_key")
+    with pytest.raises(ValueError, match="product_key_rows=3"):
+        DSCLayer(num_bases=16, top_k=2, hidden_dim=4, router="product_key", product_key_rows=3)
+    with pytest.raises(ValueError, match="router='flat'"):
+        DSCLayer(num_bases=16, top_k=2, hidden_dim=4, product_key_rows=4)
+    with pytest.raises(ValueError, match="router"):
+        DSCLayer(num_bases=16, top_k=2, hidden_dim=4, router="tree")
+    assert dsc_product_key.product_key_shape("t", 65536, 0) == (256, 256)
+
+
+def test_gpt_with_product_key_trains_one_step() -> None:
+    ffn = DSCConfig(num_bases=64, top_k=2, hidden_dim=8, router="product_key")
+    cfg = GPTConfig(ffn=ffn, vocab_size=32, max_seq_len=8, num_layers=1, num_heads=2, d_model=8)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    model = GPT(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+    params = model.init(jax.random.key(1), tokens)["params"]
+
+    def loss(p):
+        logits, state = model.apply(
+            {"params": p},
+            tokens,
+            deterministic=False,
+            rngs={"dropout": jax.random.key(2)},
+            mutable=["losses"],
+        )
+        return jnp.mean(logits) + sum(jnp.sum(v) for v in jax.tree.leaves(state["losses"]))
+
+    grads = jax.grad(loss)(params)
+    router = nn.unbox(grads)["block_0"]["ffn"]["router"]
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(router))
+    assert float(jnp.abs(router["keys_2"]["kernel"]).sum()) > 0
