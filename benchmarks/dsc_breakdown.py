@@ -57,10 +57,8 @@ def parts(layer: DSCLayer, params: dict, x: jax.Array, key: jax.Array) -> dict[s
     gates = jax.random.uniform(key, (num_tokens, top_k), jnp.float32) / top_k
 
     def contract(tokens, basis_u, basis_v, gates):
-        # The layer's gather path: only the N·K gathered raw bank rows are normalised.
-        return dsc_contract.normalized_gathered_contraction(
-            tokens, basis_u, basis_v, indices, gates, layer.eps
-        )
+        # The layer's gather path (normalises the bank or the gathered rows, the smaller).
+        return dsc_contract.contract_raw_banks(tokens, basis_u, basis_v, indices, gates, layer.eps)
 
     w_in = params["mlp_in"]["kernel"].astype(layer.dtype)
     w_out = params["mlp_out"]["kernel"].astype(layer.dtype)

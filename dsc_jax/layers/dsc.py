@@ -270,11 +270,12 @@ class DSCLayer(nn.Module):
         routing: dsc_router.RouterOutput,
     ) -> jax.Array:
         """``((x U_Iᵀ) ⊙ ẑ) V_I`` for ``x: [N, d]``, raw banks ``[M, d]`` (rows normalised here:
-        "gather" normalises only the ``N·K`` gathered rows); returns ``[N, d]``."""
+        "gather" with ``M > N·K`` normalises only the ``N·K`` gathered rows, otherwise the
+        whole bank once, whichever is less work); returns ``[N, d]``."""
         x = x.astype(self.dtype)
         mode = resolve_compute(self.compute, self.num_bases, self.top_k)
         if mode == "gather":
-            return dsc_contract.normalized_gathered_contraction(
+            return dsc_contract.contract_raw_banks(
                 x, basis_u, basis_v, routing.indices, routing.coefficients, self.eps
             )
         unit_u = dsc_router.normalize_rows(basis_u, self.eps).astype(self.dtype)

@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dsc_jax.layers.dsc_router import normalize_rows
+
 
 def _rows(bank: jax.Array, indices: jax.Array) -> jax.Array:
     """``bank[indices]``: ``[M, d]`` rows at ``[N, K]`` ids -> ``[N, K, d]`` (ids in range)."""
@@ -209,3 +211,24 @@ def _scatter_slots(rows: jax.Array, indices: jax.Array, num_rows: int) -> jax.Ar
         .at[indices.reshape(-1)]
         .add(rows.reshape(-1, rows.shape[-1]), mode="promise_in_bounds")
     )
+
+
+def contract_raw_banks(
+    x: jax.Array,
+    bank_u: jax.Array,
+    bank_v: jax.Array,
+    indices: jax.Array,
+    gates: jax.Array,
+    eps: float,
+) -> jax.Array:
+    """The gather path on raw banks ``[M, d]``: ``((x U_Iᵀ) ⊙ ẑ) V_I`` with unit rows.
+
+    Normalises whichever is less work: the whole bank once (``M ≤ N·K``, e.g. the paper's
+    M=1523 at 4096 tokens: 10× fewer rows) or only the ``N·K`` gathered rows (product-key
+    banks of 65,536 atoms). Both give the same values. ``x: [N, d]`` in the compute dtype.
+    """
+    if bank_u.shape[0] > indices.size:
+        return normalized_gathered_contraction(x, bank_u, bank_v, indices, gates, eps)
+    unit_u = normalize_rows(bank_u, eps).astype(x.dtype)
+    unit_v = normalize_rows(bank_v, eps).astype(x.dtype)
+    return gathered_contraction(x, unit_u, unit_v, indices, gates)
