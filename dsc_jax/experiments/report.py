@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import time
@@ -274,5 +273,5 @@ def write_report(
         "paper_table_1": paper.TABLE_1,
     }
     with open(js_path, "w") as f:
-        json.dump(payload, f, indent=1, default=lambda x: None if math.isnan(x) else str(x))
+        json.dump(payload, f, indent=1, default=str)
     return [md_path, js_path, *plots(summary, folder, title)]
