@@ -13,7 +13,7 @@ import numpy as np
 
 from dsc_jax import paper
 from dsc_jax.experiments.presets import METHOD_NAMES
-from dsc_jax.experiments.runner import Run, read_done, read_metrics
+from dsc_jax.experiments.runner import REFERENCE_VARIANTS, Run, read_done, read_metrics
 
 
 def measure_latency(
@@ -118,7 +118,9 @@ def aggregate(runs: Sequence[Run], latency: dict[str, dict[str, float]]) -> dict
                 for r in records
                 if r.get("eval_loss") is not None
             ]
-    ref = rows.get("dsc") or next((r for r in rows.values() if r["kind"] == "dsc"), None)
+    refs = [rows[n] for n in REFERENCE_VARIANTS if n in rows]
+    dsc_rows = [r for r in rows.values() if r["kind"] == "dsc"]
+    ref = (refs or dsc_rows or [None])[0]
     moe_ms = latency.get("moe", {}).get("ms")
     for row in rows.values():
         losses = list(row["seeds"].values())
@@ -143,6 +145,8 @@ def _m(x: float) -> str:
 
 
 def markdown(summary: dict[str, Any], title: str, command: str, description: str) -> str:
+    ref = summary["reference"] or "DSC"
+    ref = METHOD_NAMES.get(ref, ref)
     lines = [
         f"## {title}",
         "",
@@ -151,14 +155,16 @@ def markdown(summary: dict[str, Any], title: str, command: str, description: str
         f"Command: `{command}`",
         "",
         "| method | total | active | val loss (mean ± std) | seeds | latency ms/batch "
-        "| speed-up vs MoE | Δ loss vs DSC | Δ beyond seed spread? |",
+        f"| speed-up vs MoE | Δ loss vs {ref} | Δ beyond seed spread? |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         loss = f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}" if r["n_seeds"] else "—"
         lat = f"{r['latency']['ms']:.2f}" if r["latency"] else "—"
         sp = f"{r['speedup_vs_moe']:.2f}×" if r["speedup_vs_moe"] else "—"
-        delta = f"{r['delta_vs_dsc']:+.4f}" if r["delta_vs_dsc"] is not None else "(ref)"
+        delta = "(ref)" if r["variant"] == summary["reference"] else "—"
+        if r["delta_vs_dsc"] is not None:
+            delta = f"{r['delta_vs_dsc']:+.4f}"
         beyond = {True: "yes", False: "no", None: "—"}[r["beyond_spread"]]
         seeds = f"{r['n_seeds']}" + (
             f" (+{len(r['unfinished'])} unfinished)" if r["unfinished"] else ""
@@ -173,7 +179,7 @@ def markdown(summary: dict[str, Any], title: str, command: str, description: str
         "validation windows for every run; std is the sample std over seeds. Latency: "
         "median over interleaved rounds of one compiled eval forward pass (batch × T "
         "tokens) in one process. Speed-up vs MoE = MoE ms / method ms. 'Beyond seed "
-        "spread': |Δ| > std(method) + std(DSC).",
+        f"spread': |Δ| > std(method) + std({ref}).",
         "",
     ]
     return "\n".join(lines)

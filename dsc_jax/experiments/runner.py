@@ -35,6 +35,8 @@ DONE_FILE = "done.json"
 ABLATIONS = ("none", "top_k", "regularisers", "variant", "bank_projection", "scale")
 TOP_K_VALUES = (2, 4, 8, 16)
 SCALE_FACTORS = (0.5, 1.0, 2.0)
+#: The default-setting variant of each ablation axis: the reference its rows are compared to.
+REFERENCE_VARIANTS = ("dsc", "dsc_k4", "dsc_all", "dsc_refined", "dsc_retract", "dsc_x1")
 
 
 @dataclasses.dataclass(frozen=True)
