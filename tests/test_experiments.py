@@ -1,0 +1,109 @@
+"""dsc-compare (issue 12) on --preset tiny: report, skip of finished runs, resume."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from dsc_jax.experiments import ablation_variants, cli, runner
+from dsc_jax.experiments.presets import STUDIES
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compiles")]
+
+ARGS = ["--preset", "tiny", "--methods", "dsc,moe", "--seeds", "0,1"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One tiny sweep (2 methods × 2 seeds, 6 steps) shared by the tests below."""
+    results = tmp_path_factory.mktemp("results")
+    assert cli.main([*ARGS, "--results", str(results), "--latency-rounds", "3"]) == 0
+    return results / "tiny"
+
+
+def test_report_has_rows_columns_and_files(sweep):
+    for name in ("comparison.md", "comparison.json", "convergence.png", "dsc_bank.png"):
+        assert (sweep / name).stat().st_size > 0, name
+    for run in ("dsc_seed0", "dsc_seed1", "moe_seed0", "moe_seed1"):
+        assert (sweep / run / runner.DONE_FILE).exists()
+    md = (sweep / "comparison.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    for col in (
+        "total",
+        "active",
+        "val loss (mean ± std)",
+        "latency ms/batch",
+        "speed-up vs MoE",
+        "Δ loss vs DSC",
+        "Δ beyond seed spread?",
+    ):
+        assert col in header
+    assert "| DSC |" in md and "| Standard MoE |" in md and "Table 1" in md
+    data = json.loads((sweep / "comparison.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"dsc", "moe"}
+    for r in rows.values():
+        assert r["n_seeds"] == 2 and r["val_loss_std"] >= 0
+        assert r["latency"]["ms"] > 0 and r["total_params"] > r["active_params"]
+        assert set(r["configs"]) == {"0", "1"}  # exact configs, keyed by seed
+    assert rows["moe"]["speedup_vs_moe"] == pytest.approx(1.0)
+    assert rows["dsc"]["delta_vs_dsc"] is None
+    assert isinstance(rows["moe"]["beyond_spread"], bool)
+    # iso-active: the solver matched both sparse models to the same active budget (±2 %)
+    assert rows["moe"]["active_params"] == pytest.approx(rows["dsc"]["active_params"], 0.02)
+    assert data["paper_table_1"]["dsc"]["val_loss"] == [5.126, 0.006]
+
+
+def test_second_invocation_skips_finished_runs(sweep, capsys):
+    metrics = {p: (sweep / p / "metrics.jsonl").read_bytes() for p in ("dsc_seed0", "moe_seed1")}
+    assert cli.main([*ARGS, "--results", str(sweep.parent), "--no-latency"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skip finished run") == 4
+    assert "(0 trained, 4 skipped)" in out
+    for p, before in metrics.items():
+        assert (sweep / p / "metrics.jsonl").read_bytes() == before
+
+
+def test_interrupted_run_resumes(sweep, capsys):
+    """A run whose newest checkpoint is before the last step (the final one removed, no
+    done.json) continues from it instead of starting over."""
+    workdir = sweep / "moe_seed1"
+    ckpts = workdir / "checkpoints"
+    steps = sorted(int(p) for p in os.listdir(ckpts) if p.isdigit())
+    assert steps[-1] == 6 and 3 in steps
+    shutil.rmtree(ckpts / "6")
+    (workdir / runner.DONE_FILE).unlink()
+    first = (workdir / "metrics.jsonl").read_text().splitlines()[0]
+    assert cli.main([*ARGS, "--results", str(sweep.parent), "--no-latency"]) == 0
+    out = capsys.readouterr().out
+    assert f"resume {workdir}" in out and "(1 trained, 3 skipped)" in out
+    done = json.loads((workdir / runner.DONE_FILE).read_text())
+    assert done["step"] == 6
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == first  # the step-1 record survives: not retrained from scratch
+    assert json.loads(lines[-1])["step"] == 6
+
+
+def test_presets_and_ablations_are_constructible():
+    paper = STUDIES["paper"]
+    runs = runner.plan(paper, "/nonexistent", runner.method_variants(paper.methods), [42])
+    sizes = {r.variant.name: r.sizes for r in runs}
+    assert sizes["dsc"]["ffn"]["num_bases"] == 1523 and sizes["dsc"]["ffn"]["hidden_dim"] == 327
+    assert sizes["moe"]["ffn"]["num_experts"] == 5 and sizes["moe"]["ffn"]["hidden_dim"] == 545
+    assert sizes["dense"]["ffn"]["hidden_dim"] == 2611
+    assert runs[0].config.data.source == "wikitext103" and runs[0].config.num_train_steps == 2000
+    tiny = STUDIES["tiny"]
+    for axis in runner.ABLATIONS[1:]:
+        variants = ablation_variants(axis)
+        runs = runner.plan(tiny, "/nonexistent", variants, [0])
+        assert len(runs) == len(variants) >= 2
+    k_runs = runner.plan(tiny, "/x", ablation_variants("top_k"), [0])
+    assert [r.config.model.dsc.top_k for r in k_runs] == [2, 4, 8, 16]
+    assert len({r.config.model.dsc.num_bases for r in k_runs}) == 1  # fixed M
+    no_aux = runner.plan(tiny, "/x", ablation_variants("regularisers"), [0])[1]
+    assert no_aux.variant.name == "dsc_no_aux" and no_aux.config.losses.aux == 0.0
+    scaled = runner.plan(tiny, "/x", ablation_variants("scale"), [0])
+    widths = [r.config.model.d_model for r in scaled]
+    bases = [r.config.model.dsc.num_bases for r in scaled]
+    assert widths == sorted(widths) and bases == sorted(bases) and bases[0] < bases[-1]
