@@ -172,7 +172,9 @@ def test_create_sharded_matches_unsharded_init() -> None:
             assert shardings[0][name].spec == spec
             assert opt_state[0].mu[name].sharding.spec == spec  # optimiser state follows
         assert opt_state[0].count.sharding.spec == P()
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, ref)
+        # Same draws; the eager reference and the jitted sharded init may round erf_inv's
+        # last bit differently (float32: rtol 1e-6).
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), params, ref)
 
 
 def _loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
