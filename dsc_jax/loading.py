@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from dsc_jax.data.tokenizers import Tokenizer, build_tokenizer
 from dsc_jax.models.gpt import GPT, GPTConfig
+from dsc_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 __all__ = [
     "LoadedModel",
@@ -38,9 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 class RunNotFoundError(ValueError):

@@ -28,6 +28,7 @@ from dsc_jax.models.solver import (
     solve_iso_active,
 )
 from dsc_jax.train import config as config_lib
+from dsc_jax.train.workdir import CHECKPOINT_DIR
 
 logger = logging.getLogger("dsc_jax.experiments")
 
@@ -231,7 +232,7 @@ def execute(runs: Sequence[Run], log=print) -> dict[str, int]:
                     f"{done.get('fingerprint')} != {fp}); use another --results folder."
                 )
             t0 = time.time()
-            resumed = os.path.exists(os.path.join(run.workdir, "checkpoints"))
+            resumed = os.path.exists(os.path.join(run.workdir, CHECKPOINT_DIR))
             log(f"[dsc-compare] {'resume' if resumed else 'train'} {run.workdir}")
             result = train_and_evaluate(run.config, run.workdir)
             if result["status"] != "completed":

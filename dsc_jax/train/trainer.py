@@ -257,7 +257,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> workdir_
             if changes:
                 logging.warning("resuming with changed settings (allowed): %s", "; ".join(changes))
         workdir_lib.check_writable(workdir)
-        workdir_lib.check_writable(os.path.join(workdir, "checkpoints"))
+        workdir_lib.check_writable(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR))
     except BaseException:
         lock.release()
         raise
@@ -265,7 +265,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> workdir_
 
 
 def _has_checkpoints(workdir: str) -> bool:
-    folder = os.path.join(workdir, "checkpoints")
+    folder = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
     try:
         return any(name.isdigit() for name in os.listdir(folder))
     except OSError:
@@ -436,7 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         run = build_run(config, workdir)
         checkpointer = Checkpointer(
-            os.path.join(workdir, "checkpoints"),
+            os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
             keep=config.keep_checkpoints,
             async_save=config.async_checkpointing,
         )

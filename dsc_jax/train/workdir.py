@@ -25,8 +25,15 @@ from absl import logging
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/ (orbax)
 # Everything a run writes into its workdir (what start_over moves aside).
-RUN_OUTPUTS = ("checkpoints", "checkpoints.corrupt", "metrics.jsonl", "tensorboard", CONFIG_FILE)
+RUN_OUTPUTS = (
+    CHECKPOINT_DIR,
+    f"{CHECKPOINT_DIR}.corrupt",
+    "metrics.jsonl",
+    "tensorboard",
+    CONFIG_FILE,
+)
 
 
 class WorkdirError(RuntimeError):
