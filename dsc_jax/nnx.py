@@ -199,7 +199,9 @@ class DSCLayer(_Layer):
     rngs=...)``; ``[..., d] -> [..., d]``. Params ``mlp_in.kernel [d,H]``, ``mlp_out.kernel
     [H,d]``, ``router_norm.{scale,bias} [d]``, ``router.{kernel [d,M], bias [M]}``,
     ``basis_u``/``basis_v [M,d]``, ``gamma [d]`` (``[]`` basic); regularisers aux, budget,
-    frame, z."""
+    frame, z. ``router="product_key"`` (M a perfect square, or ``product_key_rows=n₁``)
+    replaces ``router`` by two sub-key tables ``router.keys_1.{kernel [d/2,n₁], bias [n₁]}``
+    and ``router.keys_2.{kernel [d-d/2,n₂], bias [n₂]}`` (``n₁·n₂ = M``)."""
 
     linen_class = linen_layers.DSCLayer
 

@@ -107,3 +107,12 @@ def test_presets_and_ablations_are_constructible():
     widths = [r.config.model.d_model for r in scaled]
     bases = [r.config.model.dsc.num_bases for r in scaled]
     assert widths == sorted(widths) and bases == sorted(bases) and bases[0] < bases[-1]
+    # router axis: product keys at equal active parameters spend the smaller router on H
+    routed = {r.variant.name: r for r in runner.plan(tiny, "/x", ablation_variants("router"), [0])}
+    flat, pk, pk_same = (routed[n] for n in ("dsc_flat", "dsc_pk65536", "dsc_pk65536_same_ffn"))
+    assert flat.config.model.dsc.router == "flat"
+    assert pk.config.model.dsc.router == "product_key" and pk.config.model.dsc.num_bases == 65536
+    per_hidden_unit = 2 * tiny.base().model.d_model * tiny.base().model.num_layers
+    assert abs(pk.sizes["active_params"] - flat.sizes["active_params"]) <= per_hidden_unit / 2
+    assert pk_same.config.model.dsc.hidden_dim == flat.config.model.dsc.hidden_dim
+    assert pk.config.model.dsc.hidden_dim != flat.config.model.dsc.hidden_dim

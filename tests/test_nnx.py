@@ -25,6 +25,11 @@ D = 16
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 LAYERS = {
     "dsc": (DSCLayer, dnnx.DSCLayer, {"num_bases": 8, "top_k": 2, "hidden_dim": 16}),
+    "dsc_product_key": (
+        DSCLayer,
+        dnnx.DSCLayer,
+        {"num_bases": 64, "top_k": 2, "hidden_dim": 16, "router": "product_key"},
+    ),
     "moe": (
         MoELayer,
         dnnx.MoELayer,
@@ -66,7 +71,7 @@ def test_outputs_and_regularizers_match_linen(kind):
     )
     if kind != "dense":
         assert set(dnnx.collect_regularizers(layer)) == (
-            {"aux", "budget", "frame", "z"} if kind == "dsc" else {"aux", "z"}
+            {"aux", "budget", "frame", "z"} if kind.startswith("dsc") else {"aux", "z"}
         )
         assert float(dnnx.collect_diagnostics(layer)["tokens"]) == 6.0
     chex.assert_trees_all_close(layer(x), linen_layer.apply(variables, x), **TOL)
@@ -100,6 +105,21 @@ def test_dsc_attribute_names():
     assert layer.gamma.get_metadata()["out_sharding"] == ("embed",)
 
 
+def test_dsc_product_key_attributes_and_routed_ids():
+    """``router="product_key"``: two sub-key tables of ``√M`` keys over the halves of ``d``;
+    the diagnostics count usage over all ``M`` atoms by atom id."""
+    _, layer = make_pair("dsc_product_key")
+    assert layer.router.keys_1.kernel.shape == (D // 2, 8)
+    assert layer.router.keys_2.kernel.shape == (D - D // 2, 8)
+    assert layer.basis_u.shape == (64, D) and not hasattr(layer.router, "bias")
+    x = inputs((4, 16, D))
+    layer(x, deterministic=False)
+    usage = dnnx.collect_diagnostics(layer)["usage"]
+    chex.assert_shape(usage, (64,))
+    assert float(usage.sum()) == 4 * 16 * 2
+    assert int(jnp.count_nonzero(usage)) > 2  # ids are atom ids, not positions in the top-K
+
+
 def test_abstract_construction_and_split_merge():
     """``nnx.eval_shape`` builds the layer without computing (sharded-init recipe), and a
     split/merge round trip keeps the per-call variables."""
@@ -111,7 +131,7 @@ def test_abstract_construction_and_split_merge():
     chex.assert_trees_all_close(merged(inputs()), layer(inputs()), **TOL)
 
 
-@pytest.mark.parametrize("kind", ["dsc", "moe"])
+@pytest.mark.parametrize("kind", ["dsc", "dsc_product_key", "moe"])
 def test_jit_train_step_traces_once_and_regularizers_do_not_accumulate(kind):
     _, layer = make_pair(kind)
     optimizer = nnx.Optimizer(layer, optax.adam(1e-2), wrt=nnx.Param)
@@ -144,7 +164,18 @@ def test_jit_train_step_traces_once_and_regularizers_do_not_accumulate(kind):
     assert len(traces) == 1 and len(eval_traces) == 1
     # each term holds this call's single value (Linen ``sow`` tuples of length one)
     assert all(len(v) == 1 for v in dnnx.collect_regularizers(layer).values())
-    assert not np.allclose(layer.params["router"]["kernel"], before["router"]["kernel"])
+    router_kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(layer.params["router"])
+        if path[-1].key == "kernel"
+    ]  # product keys: keys_1/kernel, keys_2/kernel
+    before_kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(before["router"])
+        if path[-1].key == "kernel"
+    ]
+    for after_kernel, before_kernel in zip(router_kernels, before_kernels, strict=True):
+        assert not np.allclose(after_kernel, before_kernel)
     # one call's worth each step (accumulated terms would grow ~linearly with the step)
     np.testing.assert_allclose(regs, regs[0], rtol=0.2)
     assert regs[0] > 0

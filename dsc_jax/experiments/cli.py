@@ -3,6 +3,7 @@
     dsc-compare --preset cpu_embedded                  # DSC, MoE, MoLoRA, Dense × 3 seeds
     dsc-compare --preset cpu_wikitext --seeds 0,1,2
     dsc-compare --preset tiny --ablation top_k         # K ∈ {2,4,8,16} at fixed M
+    dsc-compare --preset cpu_embedded --ablation router  # flat vs product keys, M ≤ 65,536
     dsc-compare --preset paper                         # spec §7 on an accelerator
 
 Runs go to ``<results>/<study>/<variant>_seed<k>/``; rerunning skips finished runs and

@@ -33,11 +33,21 @@ from dsc_jax.train.workdir import CHECKPOINT_DIR
 logger = logging.getLogger("dsc_jax.experiments")
 
 DONE_FILE = "done.json"
-ABLATIONS = ("none", "top_k", "regularisers", "variant", "bank_projection", "scale")
+ABLATIONS = ("none", "top_k", "regularisers", "variant", "bank_projection", "scale", "router")
 TOP_K_VALUES = (2, 4, 8, 16)
 SCALE_FACTORS = (0.5, 1.0, 2.0)
+#: Product-key bank sizes of the ``router`` axis (perfect squares: √M × √M sub-keys).
+PRODUCT_KEY_BASES = (4096, 65536)
 #: The default-setting variant of each ablation axis: the reference its rows are compared to.
-REFERENCE_VARIANTS = ("dsc", "dsc_k4", "dsc_all", "dsc_refined", "dsc_retract", "dsc_x1")
+REFERENCE_VARIANTS = (
+    "dsc",
+    "dsc_k4",
+    "dsc_all",
+    "dsc_refined",
+    "dsc_retract",
+    "dsc_x1",
+    "dsc_flat",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +56,18 @@ class Variant:
 
     ``overrides`` are dotted config keys (``"losses.aux": 0.0``) applied after the FFN is
     sized; ``ffn`` overrides the solved FFN fields (``{"top_k": 8}``); ``scale`` multiplies
-    ``d_model`` and the parameter targets' FFN budget (d and M scaled together)."""
+    ``d_model`` and the parameter targets' FFN budget (d and M scaled together);
+    ``match_active`` then re-sizes the FFN's ``hidden_dim`` (the static FFN, or the experts)
+    so that the run has as many active parameters as the study's solved ``kind`` variant
+    (e.g. a product-key router, whose weights are ``d·√M`` instead of ``d·M``, spends the
+    difference on the static FFN)."""
 
     name: str
     kind: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     ffn: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     scale: float = 1.0
+    match_active: bool = False
 
 
 def method_variants(methods: Sequence[str]) -> list[Variant]:
@@ -82,6 +97,13 @@ def ablation_variants(axis: str) -> list[Variant]:
         ]
     if axis == "scale":
         return [Variant(f"dsc_x{s:g}", "dsc", scale=s) for s in SCALE_FACTORS]
+    if axis == "router":  # the flat router vs product keys at bigger banks (issue 11)
+        out = [Variant("dsc_flat", "dsc")]
+        for bases in PRODUCT_KEY_BASES:
+            pk = {"router": "product_key", "num_bases": bases}
+            out.append(Variant(f"dsc_pk{bases}_same_ffn", "dsc", ffn=pk))
+            out.append(Variant(f"dsc_pk{bases}", "dsc", ffn=pk, match_active=True))
+        return out
     raise ValueError(f"unknown ablation {axis!r}; expected one of {ABLATIONS}.")
 
 
@@ -144,6 +166,12 @@ def method_config(
     config.name = f"{study.name}/{variant.name}_seed{seed}"
     if steps is not None:
         config.num_train_steps = steps
+    if variant.match_active:
+        reference = method_config(study, base, Variant("reference", variant.kind), seed, steps)
+        ffn["hidden_dim"] = _match_active_hidden(
+            config, variant.kind, reference[1]["active_params"], sol.config.vocab_size
+        )
+        config.model[variant.kind].hidden_dim = ffn["hidden_dim"]
     config_lib.validate_config(config)
     total, active = count_params(config_lib.model_config(config, vocab_size=sol.config.vocab_size))
     sizes = {
@@ -154,6 +182,23 @@ def method_config(
         "ffn": ffn,
     }
     return config, sizes
+
+
+def _active_params(config: ml_collections.ConfigDict, vocab_size: int) -> int:
+    return count_params(config_lib.model_config(config, vocab_size=vocab_size))[1]
+
+
+def _match_active_hidden(
+    config: ml_collections.ConfigDict, kind: str, target: int, vocab_size: int
+) -> int:
+    """The ``hidden_dim`` (>= 1) whose active parameter count is closest to ``target``
+    (active parameters are affine in ``hidden_dim``: two exact counts give the slope)."""
+    probe = ml_collections.ConfigDict(config.to_dict())
+    start = probe.model[kind].hidden_dim
+    base = _active_params(probe, vocab_size)
+    probe.model[kind].hidden_dim = start + 1
+    slope = _active_params(probe, vocab_size) - base
+    return max(1, start + round((target - base) / slope))
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
