@@ -56,6 +56,7 @@ from harness import FAST_COMPILE_OPTIONS  # noqa: E402
 
 from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig  # noqa: E402
 from dsc_jax.layers.losses import LossWeights  # noqa: E402
+from dsc_jax.models.attention import ATTENTION_IMPLEMENTATIONS  # noqa: E402
 from dsc_jax.models.gpt import GPT, GPTConfig  # noqa: E402
 from dsc_jax.train.state import TrainState  # noqa: E402
 from dsc_jax.train.steps import train_step  # noqa: E402
@@ -81,6 +82,8 @@ def model_config(kind: str, args: argparse.Namespace, remat: str) -> GPTConfig:
     """The GPT of ``kind`` (paper defaults, or the ``--quick`` / ``--tiny`` sizes)."""
     fields: dict[str, Any] = {"max_seq_len": args.seq, "scan_layers": args.scan_layers}
     fields["remat"] = remat
+    if args.attention != "einsum":  # fused attention has no dropout on the probabilities
+        fields.update(attention=args.attention, attention_dropout=False)
     if args.dropout is not None:
         fields["dropout_rate"] = args.dropout
     if args.tiny:
@@ -152,6 +155,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--no_remat_compare", dest="remat_compare", action="store_false")
     parser.add_argument("--dropout", type=float, default=None, help="override (paper: 0.1)")
+    parser.add_argument(
+        "--attention",
+        default="einsum",
+        choices=ATTENTION_IMPLEMENTATIONS,
+        help="GPTConfig.attention; xla/cudnn run without dropout on the probabilities",
+    )
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--matmul_n", type=int, default=2048)
@@ -233,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "seq": args.seq,
             "scan_layers": args.scan_layers,
             "remat": args.remat,
+            "attention": args.attention,
             "iters": args.iters,
             "matmul_n": args.matmul_n,
             "dropout_rate": model_config(kinds[0], args, "none").dropout_rate,

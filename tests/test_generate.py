@@ -55,7 +55,11 @@ def greedy_by_recompute(cfg, params, prompt, steps):
 
 @pytest.mark.parametrize(
     "kind, overrides",
-    [(k, {}) for k in FFNS] + [("dsc", {"scan_layers": True, "remat": "full"})],
+    [(k, {}) for k in FFNS]
+    + [
+        ("dsc", {"scan_layers": True, "remat": "full"}),
+        ("dsc", {"attention": "xla", "attention_dropout": False}),  # cache mask, fused path
+    ],
 )
 def test_greedy_with_cache_equals_recompute(kind, overrides):
     cfg = tiny(kind, **overrides)

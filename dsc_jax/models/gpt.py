@@ -30,6 +30,7 @@ from dsc_jax._checks import (
 )
 from dsc_jax.layers.common import normal
 from dsc_jax.layers.configs import FFN_KINDS, DSCConfig, FFNConfig, ffn_config
+from dsc_jax.models.attention import ATTENTION_IMPLEMENTATIONS, CausalSelfAttention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
@@ -47,6 +48,12 @@ class GPTConfig:
     Attributes:
       vocab_size, max_seq_len, num_layers, num_heads, d_model: the transformer.
       dropout_rate: attention-probability and residual dropout (spec: 0.1).
+      attention: ``"einsum"`` (written out; supports the dropout on probabilities),
+        ``"xla"`` or ``"cudnn"`` (:func:`jax.nn.dot_product_attention`; ``"cudnn"`` is the
+        fused kernel on NVIDIA GPUs with bfloat16/float16). See
+        :mod:`dsc_jax.models.attention`.
+      attention_dropout: apply ``dropout_rate`` to the attention probabilities (spec); must
+        be False (or ``dropout_rate`` 0) with ``attention`` ``"xla"``/``"cudnn"``.
       embed_dropout: also drop out the embeddings (neither the spec nor the reference
         does; off by default).
       ffn: the FFN of every block.
@@ -66,6 +73,8 @@ class GPTConfig:
     d_model: int = paper.D_MODEL
     dropout_rate: float = paper.DROPOUT_RATE
     embed_dropout: bool = False
+    attention: str = "einsum"
+    attention_dropout: bool = True
     ffn: FFNConfig = dataclasses.field(default_factory=DSCConfig)
     tie_embeddings: bool = True
     dtype: str = "float32"
@@ -88,8 +97,16 @@ class GPTConfig:
                 f"{owner}.ffn={self.ffn!r} is invalid; expected a DenseConfig, MoEConfig, "
                 "MoLoRAConfig or DSCConfig."
             )
-        for name in ("embed_dropout", "tie_embeddings", "scan_layers"):
+        for name in ("embed_dropout", "attention_dropout", "tie_embeddings", "scan_layers"):
             check_choice(owner, name, getattr(self, name), (True, False))
+        check_choice(owner, "attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        if self.attention != "einsum" and self.attention_dropout and self.dropout_rate > 0:
+            raise ValueError(
+                f"{owner}.attention={self.attention!r} is invalid with attention_dropout=True "
+                f"and dropout_rate={self.dropout_rate!r}: jax.nn.dot_product_attention has no "
+                "dropout on the probabilities; set attention_dropout=False (residual dropout "
+                "stays) or use attention='einsum'."
+            )
         check_choice(owner, "dtype", self.dtype, tuple(DTYPES))
         check_choice(owner, "param_dtype", self.param_dtype, tuple(DTYPES))
         check_choice(owner, "remat", self.remat, REMAT_POLICIES)
@@ -158,13 +175,6 @@ def make_ffn(cfg: GPTConfig, name: str = "ffn") -> nn.Module:
     )
 
 
-def causal_mask(query_len: int, key_len: int, offset: int = 0) -> jax.Array:
-    """``[query_len, key_len]`` bool, True where query ``i`` (at position ``offset + i``) may
-    attend key ``j``. ``offset`` is the number of cached positions before the queries."""
-    query_pos = offset + jnp.arange(query_len)[:, None]
-    return jnp.arange(key_len)[None, :] <= query_pos
-
-
 def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=paper.LAYER_NORM_EPS,
@@ -175,106 +185,6 @@ def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
     )
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention without biases.
-
-    Parameters: ``query/key/value/kernel [d, heads, kv]`` (``("embed", "heads", "kv")``,
-    normal(0.02)) and ``out/kernel [heads, kv, d]`` (``("heads", "kv", "embed")``,
-    normal(``cfg.residual_init_std``)). Dropout on the attention probabilities and on the
-    output (residual dropout).
-
-    With ``decode=True`` the keys and values are written into a fixed-size cache (collection
-    ``"cache"``: ``cached_key``, ``cached_value`` ``[B, max_seq_len, heads, kv]`` in
-    ``cfg.dtype`` and ``cache_index`` int32, the number of positions already written) and
-    the queries attend every cached position up to their own; apply with
-    ``mutable=["cache"]``.
-    """
-
-    cfg: GPTConfig
-
-    def _projection(self, name: str) -> nn.DenseGeneral:
-        cfg = self.cfg
-        return nn.DenseGeneral(
-            features=(cfg.num_heads, cfg.head_dim),
-            axis=-1,
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            kernel_init=normal(paper.INIT_STD, ("embed", "heads", "kv")),
-            name=name,
-        )
-
-    def attend(
-        self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        mask: jax.Array,
-        deterministic: bool,
-    ) -> jax.Array:
-        """Masked softmax attention.
-
-        Args:
-          query: ``[B, Tq, heads, kv]``; key, value: ``[B, Tk, heads, kv]`` (``cfg.dtype``).
-          mask: bool, broadcastable to ``[B, heads, Tq, Tk]``; False entries are excluded.
-          deterministic: disables the dropout on the probabilities when True.
-
-        Returns:
-          ``[B, Tq, heads, kv]`` in ``cfg.dtype``.
-        """
-        dtype = self.cfg.compute_dtype
-        query = query * jnp.asarray(self.cfg.head_dim**-0.5, dtype)
-        scores = jnp.einsum("bqhk,bthk->bhqt", query, key, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)  # float32
-        probs = nn.Dropout(self.cfg.dropout_rate, name="attn_dropout")(
-            probs, deterministic=deterministic
-        )
-        return jnp.einsum("bhqt,bthk->bqhk", probs.astype(dtype), value)
-
-    def _cached(self, key: jax.Array, value: jax.Array) -> tuple[jax.Array, ...]:
-        """Write ``key/value [B, T, heads, kv]`` at the cache index; return the whole cache
-        ``[B, max_seq_len, heads, kv]`` and the ``[T, max_seq_len]`` mask of the queries."""
-        cfg = self.cfg
-        shape = (key.shape[0], cfg.max_seq_len, cfg.num_heads, cfg.head_dim)
-        keys = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
-        values = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        start = index.value
-        keys.value = jax.lax.dynamic_update_slice(keys.value, key, (0, start, 0, 0))
-        values.value = jax.lax.dynamic_update_slice(values.value, value, (0, start, 0, 0))
-        index.value = start + key.shape[1]
-        return keys.value, values.value, causal_mask(key.shape[1], cfg.max_seq_len, start)
-
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, *, deterministic: bool = True, decode: bool = False
-    ) -> jax.Array:
-        """``x: [B, T, d]`` in ``cfg.dtype`` -> ``[B, T, d]`` in ``cfg.dtype``; ``decode``:
-        attend through the key/value cache (see the class docstring)."""
-        cfg = self.cfg
-        query = self._projection("query")(x)
-        key = self._projection("key")(x)
-        value = self._projection("value")(x)
-        seq_len = x.shape[-2]
-        if decode:
-            key, value, mask = self._cached(key, value)
-        else:
-            mask = causal_mask(seq_len, seq_len)
-        out = self.attend(query, key, value, mask, deterministic)
-        out = nn.DenseGeneral(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            kernel_init=normal(cfg.residual_init_std, ("heads", "kv", "embed")),
-            name="out",
-        )(out)
-        out = nn.Dropout(cfg.dropout_rate, name="resid_dropout")(out, deterministic=deterministic)
-        return out.astype(cfg.compute_dtype)
 
 
 class Block(nn.Module):
