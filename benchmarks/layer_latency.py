@@ -26,9 +26,13 @@ path instead: ``deterministic=False`` (MoE logit jitter) with the ``"losses"`` c
 mutable, and the weighted regulariser total (spec §3 weights) added to the objective.
 
 Code: FLOP formulas and the timed layers in ``flops.py``, compilation and interleaved
-timing in ``harness.py``, the DSC per-part breakdown in ``dsc_breakdown.py``; this script
-builds the table. With ``dsc_gather`` selected, the DSC parts (router, top-K, contraction,
-static FFN, regularisers) are timed in the same rounds (``dsc_breakdown`` in the JSON).
+timing in ``harness.py``, the per-part breakdowns in ``dsc_breakdown.py`` and
+``moe_breakdown.py``, the issue-11 targets in ``targets.py``; this script builds the table.
+With ``dsc_gather`` (``moe_sorted``) selected, the DSC parts (router, top-K, contraction,
+static FFN, regularisers) and the MoE parts (router, dispatch, weight gather, expert matmuls,
+combine) are timed in the same rounds (``breakdown`` in the JSON: each part's time, its share
+of the layer's and its ratio to the layer's GEMM-equivalent), and the targets section prints
+each target's measured value and, when missed, the measured reason and what it would take.
 
 Usage::
 
@@ -62,6 +66,8 @@ import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import moe_breakdown  # noqa: E402
+import targets  # noqa: E402
 from flops import IMPLEMENTATIONS, LayerSizes, build_implementations, gemm_columns  # noqa: E402
 from harness import (  # noqa: E402
     FAST_COMPILE_OPTIONS,
@@ -80,6 +86,8 @@ REFERENCE = "dense"  # always timed: every ``*_ratio_dense`` divides by it
 PASSES = ("fwd", "fwd_bwd")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_OUT = _REPO_ROOT / "benchmarks" / "results" / "layer_latency.json"
+#: Implementations timed part by part (same rounds as the layers): name -> parts builder.
+BREAKDOWNS = {"dsc_gather": dsc_breakdown.parts, "moe_sorted": moe_breakdown.parts}
 __all__ = ["IMPLEMENTATIONS", "LayerSizes", "main", "run_benchmark", "select"]
 
 
@@ -174,25 +182,28 @@ def run_benchmark(
             runners[(gemm, kind)] = gemm_runners[cols][kind]
         blocks.append([(name, "fwd"), (gemm, "fwd"), (name, "fwd_bwd"), (gemm, "fwd_bwd")])
 
-    breakdown_parts: list[str] = []
-    if "dsc_gather" in names:
-        log("compiling the DSC parts ...")
-        dsc = impls["dsc_gather"]
-        init, _ = compile_runner(jax.jit(dsc.module.init), {"params": key_init}, x, options=options)
-        dsc_params = nn.unbox(init()["params"])
-        for part, (fwd, fwd_bwd, args, bwd_args) in dsc_breakdown.parts(
-            dsc.module, dsc_params, x, key_rng
+    breakdown_parts: dict[str, list[str]] = {}
+    for name, build_parts in BREAKDOWNS.items():
+        if name not in names:
+            continue
+        log(f"compiling the parts of {name} ...")
+        impl = impls[name]
+        init, _ = compile_runner(
+            jax.jit(impl.module.init), {"params": key_init}, x, options=options
+        )
+        impl_params = nn.unbox(init()["params"])
+        breakdown_parts[name] = []
+        for part, (fwd, fwd_bwd, args, bwd_args) in build_parts(
+            impl.module, impl_params, x, key_rng
         ).items():
-            block = []
-            runners[(f"part:{part}", "fwd")] = compile_runner(fwd, *args, options=options)[0]
-            block.append((f"part:{part}", "fwd"))
+            timer = f"part:{name}:{part}"
+            runners[(timer, "fwd")] = compile_runner(fwd, *args, options=options)[0]
+            block = [(timer, "fwd")]  # ratios pair it with its GEMM's call of the same round
             if fwd_bwd is not None:
-                runners[(f"part:{part}", "fwd_bwd")] = compile_runner(
-                    fwd_bwd, *bwd_args, options=options
-                )[0]
-                block.append((f"part:{part}", "fwd_bwd"))
+                runners[(timer, "fwd_bwd")] = compile_runner(fwd_bwd, *bwd_args, options=options)[0]
+                block.append((timer, "fwd_bwd"))
             blocks.append(block)
-            breakdown_parts.append(part)
+            breakdown_parts[name].append(part)
 
     log(f"timing {len(runners)} functions: {warmup} warm-up + {iters} timed rounds ...")
     samples = time_round_robin(runners, blocks, iters, warmup, log)
@@ -218,15 +229,20 @@ def run_benchmark(
         )
         results[name] = entry
 
-    breakdown: dict[str, dict[str, float]] = {}
-    for part in breakdown_parts:
-        entry = {}
-        for kind in PASSES:
-            mine = samples.get((f"part:{part}", kind))
-            if mine:
-                entry[f"{kind}_ms"] = statistics.median(mine)
-                entry[f"{kind}_share"] = paired_ratio(mine, samples[("dsc_gather", kind)])
-        breakdown[part] = entry
+    breakdown: dict[str, dict[str, dict[str, float]]] = {}
+    for name, part_names in breakdown_parts.items():
+        breakdown[name] = {}
+        for part in part_names:
+            entry = {}
+            for kind in PASSES:
+                mine = samples.get((f"part:{name}:{part}", kind))
+                if mine:
+                    entry[f"{kind}_ms"] = statistics.median(mine)
+                    entry[f"{kind}_share"] = paired_ratio(mine, samples[(name, kind)])
+                    entry[f"{kind}_ratio_gemm"] = paired_ratio(
+                        mine, samples[(f"gemm:{name}", kind)]
+                    )
+            breakdown[name][part] = entry
 
     meta = {
         "device_kind": device.device_kind,
@@ -262,7 +278,9 @@ def run_benchmark(
         "fwd_bwd": "VJP w.r.t. params and x with a fixed random cotangent",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    return {"metadata": meta, "results": results, "dsc_breakdown": breakdown}
+    report = {"metadata": meta, "results": results, "breakdown": breakdown}
+    report["targets"] = targets.evaluate(report)
+    return report
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -289,16 +307,25 @@ def format_table(report: dict[str, Any]) -> str:
         f"median of {meta['iters']} (+{meta['warmup']} warm-up), losses "
         f"{'on' if meta['with_losses'] else 'off'}, dsc auto -> {meta['dsc_auto_resolves_to']}"
     )
-    if report.get("dsc_breakdown"):
+    for name, parts in report.get("breakdown", {}).items():
         lines.append("")
-        lines.append(f"{'dsc part':<13} {'fwd ms':>9} {'/layer':>7} {'f+b ms':>9} {'/layer':>7}")
-        for part, r in report["dsc_breakdown"].items():
-            fb = (
-                f"{r['fwd_bwd_ms']:>9.2f} {r['fwd_bwd_share']:>7.2f}"
-                if "fwd_bwd_ms" in r
-                else f"{'-':>9} {'-':>7}"
-            )
-            lines.append(f"{part:<13} {r['fwd_ms']:>9.2f} {r['fwd_share']:>7.2f} {fb}")
+        lines.append(
+            f"{name + ' part':<18} {'fwd ms':>8} {'/layer':>7} {'/gemm':>6} "
+            f"{'f+b ms':>8} {'/layer':>7} {'/gemm':>6}"
+        )
+        for part, r in parts.items():
+            cells = []
+            for kind in PASSES:
+                if f"{kind}_ms" in r:
+                    cells.append(
+                        f"{r[f'{kind}_ms']:>8.2f} {r[f'{kind}_share']:>7.2f} "
+                        f"{r[f'{kind}_ratio_gemm']:>6.2f}"
+                    )
+                else:
+                    cells.append(f"{'-':>8} {'-':>7} {'-':>6}")
+            lines.append(f"{part:<18} {' '.join(cells)}")
+    if report.get("targets"):
+        lines += ["", targets.format_targets(report["targets"])]
     return "\n".join(lines)
 
 

@@ -91,12 +91,21 @@ def test_layer_latency_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixt
     # dense: 4·N·d·H; DSC dense path: 4·N·d·H + 2·N·d·M + 4·N·M·d.
     assert results["dense"]["flops"] == 4 * 16 * 16 * 64
     assert results["dsc_dense"]["flops"] == 4 * 16 * 16 * 32 + 6 * 16 * 16 * 32
-    breakdown = report["dsc_breakdown"]
+    breakdown = report["breakdown"]["dsc_gather"]
     assert set(breakdown) == {"router", "top_k", "contract", "static_ffn", "regularisers"}
     for part, entry in breakdown.items():
         assert _positive(entry["fwd_ms"]) and _positive(entry["fwd_share"]), part
+        assert _positive(entry["fwd_ratio_gemm"]), part
         assert (part == "top_k") or _positive(entry["fwd_bwd_ms"]), part
-    assert "part:" not in stdout and "static_ffn" in stdout
+    moe_parts = report["breakdown"]["moe_sorted"]
+    assert set(moe_parts) == {"router", "dispatch", "weight_gather", "expert_matmuls", "combine"}
+    assert all(_positive(e["fwd_ms"]) and _positive(e["fwd_bwd_ms"]) for e in moe_parts.values())
+    assert "part:" not in stdout and "static_ffn" in stdout and "expert_matmuls" in stdout
+    rows = {r["target"]: r for r in report["targets"]}
+    assert {"DSC layer forward", "DSC layer forward+backward"} <= set(rows)
+    for row in rows.values():
+        assert _positive(row["measured"]) and row["met"] == (row["measured"] <= row["limit"])
+        assert row["target"] in stdout
     meta = report["metadata"]
     assert meta["moe_auto_resolves_to"] in ("dense", "dropless")
     for key in ("device_kind", "jax_version", "dtype", "input_shape", "iters", "date"):
@@ -209,3 +218,47 @@ def test_product_key_schema(tmp_path: pathlib.Path) -> None:
         assert _positive(entry["fwd_ms"]) and _positive(entry["fwd_bwd_ms"])
         assert 0 < entry["usage"]["fraction_used"] <= 1 and entry["usage"]["kl_to_uniform"] >= 0
     assert all(_positive(r) for r in report["ratio_product_key_over_flat"].values())
+
+
+def test_targets_reason_is_computed_from_the_parts() -> None:
+    """A missed target's reason adds up the same-round part ratios (synthetic report)."""
+    targets = _load_module().targets
+
+    report = {
+        "metadata": {"dsc_auto_resolves_to": "gather", "moe_auto_resolves_to": "sorted"},
+        "results": {
+            "dsc_gather": {
+                "fwd_ratio_gemm": 1.6,
+                "fwd_bwd_ratio_gemm": 1.4,
+                "gemm_fwd_bwd_ms": 10.0,
+                "flops": 100,
+                "flops_active": 100,
+            },
+            "moe_sorted": {
+                "fwd_ratio_gemm": 1.4,
+                "fwd_bwd_ratio_gemm": 1.9,
+                "flops": 120,
+                "flops_active": 100,
+            },
+        },
+        "breakdown": {
+            "dsc_gather": {
+                "router": {"fwd_ratio_gemm": 0.5, "fwd_bwd_ratio_gemm": 0.4},
+                "top_k": {"fwd_ratio_gemm": 0.3, "fwd_ms": 2.0},
+                "static_ffn": {"fwd_ratio_gemm": 0.4, "fwd_bwd_ratio_gemm": 0.4},
+                "regularisers": {"fwd_ratio_gemm": 9.0, "fwd_bwd_ratio_gemm": 9.0},
+            }
+        },
+    }
+    rows = {r["target"]: r for r in targets.evaluate(report)}
+    fwd = rows["DSC layer forward"]
+    assert not fwd["met"] and fwd["would_take"]
+    # regularisers are training-only: left out; 1.6 - (0.5 + 0.4 + 0.3) = 0.4 unattributed
+    assert "matmul parts 0.90" in fwd["reason"] and "other parts 0.30 (top_k 0.30)" in fwd["reason"]
+    assert "unattributed 0.40" in fwd["reason"] and "regularisers" not in fwd["reason"]
+    assert rows["DSC layer forward+backward"]["met"]
+    assert rows["DSC layer forward+backward"]["reason"] is None
+    # MoE against its active FLOPs: 1.4 x 120/100 = 1.68 > 1.5; no breakdown -> no reason
+    moe = rows["MoE layer forward (exact)"]
+    assert moe["measured"] == pytest.approx(1.68) and not moe["met"] and moe["reason"] is None
+    assert rows["MoE layer forward+backward (exact)"]["measured"] == pytest.approx(2.28)

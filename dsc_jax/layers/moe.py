@@ -307,6 +307,62 @@ class MoELayer(nn.Module):
         return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(self.dtype))
 
 
+def sorted_tile_plan(
+    indices: jax.Array, num_experts: int, tile_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Where each token-slot goes in the ``"sorted"`` buffer, and which expert owns each tile.
+
+    Slot ``s`` (token ``s // k``, expert ``e_s``) goes to row ``start_e + rank_s``: expert
+    ``e``'s group starts at ``start_e`` (the group sizes rounded up to a multiple of
+    ``tile_size``, summed over the experts before ``e``) and ``rank_s`` counts the earlier slots
+    of ``e``. Tile ``t`` belongs to the expert whose padded range holds row ``t·tile`` (trailing
+    unused tiles take the last expert and compute on zeros).
+
+    Args:
+      indices: ``[N, k]`` int32 expert ids.
+
+    Returns:
+      ``(dest [N·k] int32`` distinct buffer rows, ``tile_expert [num_tiles] int32)`` with
+      ``num_tiles = sorted_buffer_rows(N, k, E, tile_size) // tile_size``.
+    """
+    num_tokens, top_k = indices.shape
+    slot_expert = indices.reshape(-1)  # [S], S = N·k
+    one_hot = jax.nn.one_hot(slot_expert, num_experts, dtype=jnp.int32)  # [S, E]
+    rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # rank within expert
+    group_sizes = jnp.sum(one_hot, axis=0)
+    padded = -(-group_sizes // tile_size) * tile_size
+    padded_end = jnp.cumsum(padded)
+    padded_start = padded_end - padded
+    num_tiles = sorted_buffer_rows(num_tokens, top_k, num_experts, tile_size) // tile_size
+    dest = padded_start[slot_expert] + rank
+    tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tile_size
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(padded_end, tile_start, side="right"), num_experts - 1
+    )
+    return dest, tile_expert.astype(jnp.int32)
+
+
+def scatter_slots(tokens: jax.Array, dest: jax.Array, top_k: int, rows: int) -> jax.Array:
+    """``[rows, d]`` buffer with token ``s // k`` at row ``dest[s]``, zeros elsewhere."""
+    buffer = jnp.zeros((rows, tokens.shape[-1]), tokens.dtype)
+    return buffer.at[dest].set(jnp.repeat(tokens, top_k, axis=0), unique_indices=True)
+
+
+def tile_expert_mlp(tiles: jax.Array, tile_w_in: jax.Array, tile_w_out: jax.Array) -> jax.Array:
+    """``GELU(tiles W_in) W_out`` per tile: ``tiles [T, c, d]``, ``tile_w_in [T, d, H]``,
+    ``tile_w_out [T, H, d]`` (each tile's expert weights) -> ``[T, c, d]``."""
+    hidden = jax.nn.gelu(jnp.einsum("tcd,tdh->tch", tiles, tile_w_in), approximate=False)
+    return jnp.einsum("tch,thd->tcd", hidden, tile_w_out)
+
+
+def combine_slots(out: jax.Array, dest: jax.Array, gates: jax.Array) -> jax.Array:
+    """``Σ_k gate · out[dest]``: ``out [rows, d]``, ``dest [N·k]``, ``gates [N, k]``
+    -> ``[N, d]``."""
+    num_tokens, top_k = gates.shape
+    slot_out = jnp.take(out, dest, axis=0).reshape(num_tokens, top_k, -1)
+    return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(out.dtype))
+
+
 def sorted_tile_dispatch(
     tokens: jax.Array,
     w_in: jax.Array,
@@ -317,12 +373,10 @@ def sorted_tile_dispatch(
 ) -> jax.Array:
     """Exact top-k MoE with per-tile dense matmuls (dispatch ``"sorted"``).
 
-    Slot ``s`` (token ``s // k``, expert ``e_s``) goes to row ``start_e + rank_s`` of a buffer
-    where expert ``e``'s group starts at ``start_e`` (the group sizes rounded up to a multiple of
-    ``tile_size``, summed over the experts before ``e``) and ``rank_s`` counts the earlier slots of
-    ``e``. The buffer has the static size ``ceil((N·k + E·(tile − 1)) / tile)`` tiles; padding rows
-    are zero and never read back. Tile ``t`` belongs to the expert whose padded range holds row
-    ``t·tile`` (trailing unused tiles take the last expert and compute on zeros).
+    The ``N·k`` token-slots go, in expert order, into a buffer of the static size
+    ``ceil((N·k + E·(tile − 1)) / tile)`` tiles (:func:`sorted_tile_plan`; padding rows are zero
+    and never read back); each tile runs its expert's MLP (:func:`tile_expert_mlp`, weights
+    gathered per tile) and the slots are gathered back and gated (:func:`combine_slots`).
 
     Args:
       tokens: ``[N, d]``; w_in: ``[E, d, H]``; w_out: ``[E, H, d]``; indices, gates: ``[N, k]``.
@@ -331,25 +385,9 @@ def sorted_tile_dispatch(
     Returns:
       ``[N, d]``: ``Σ_k gate · expert(token)``, identical to ``"dropless"`` up to rounding.
     """
-    num_tokens, top_k = indices.shape
-    num_experts = w_in.shape[0]
-    slot_expert = indices.reshape(-1)  # [S], S = N·k
-    one_hot = jax.nn.one_hot(slot_expert, num_experts, dtype=jnp.int32)  # [S, E]
-    rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # rank within expert
-    group_sizes = jnp.sum(one_hot, axis=0)
-    padded = -(-group_sizes // tile_size) * tile_size
-    padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
-    num_tiles = sorted_buffer_rows(num_tokens, top_k, num_experts, tile_size) // tile_size
-    dest = padded_start[slot_expert] + rank  # [S] distinct rows < num_tiles·tile_size
-    buffer = jnp.zeros((num_tiles * tile_size, tokens.shape[-1]), tokens.dtype)
-    buffer = buffer.at[dest].set(jnp.repeat(tokens, top_k, axis=0), unique_indices=True)
-    tile_start = jnp.arange(num_tiles, dtype=jnp.int32) * tile_size
-    tile_expert = jnp.minimum(
-        jnp.searchsorted(padded_end, tile_start, side="right"), num_experts - 1
-    )
-    tiles = buffer.reshape(num_tiles, tile_size, -1)
-    hidden = jax.nn.gelu(jnp.einsum("tcd,tdh->tch", tiles, w_in[tile_expert]), approximate=False)
-    out = jnp.einsum("tch,thd->tcd", hidden, w_out[tile_expert]).reshape(num_tiles * tile_size, -1)
-    slot_out = jnp.take(out, dest, axis=0).reshape(num_tokens, top_k, -1)
-    return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(tokens.dtype))
+    top_k = indices.shape[1]
+    dest, tile_expert = sorted_tile_plan(indices, w_in.shape[0], tile_size)
+    rows = tile_expert.shape[0] * tile_size
+    tiles = scatter_slots(tokens, dest, top_k, rows).reshape(-1, tile_size, tokens.shape[-1])
+    out = tile_expert_mlp(tiles, w_in[tile_expert], w_out[tile_expert])
+    return combine_slots(out.reshape(rows, -1), dest, gates)
