@@ -10,7 +10,6 @@ the process then exits within seconds even if a library thread is stuck.
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 import threading
@@ -20,6 +19,8 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dsc_jax._logging import QuietLibraries
 
 FLAGS = flags.FLAGS
 
@@ -106,20 +107,6 @@ def _exit_soon(status: int, grace_s: float = 10.0) -> None:
     threading.Thread(target=watchdog, name="dsc-exit-watchdog", daemon=True).start()
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Unless ``--verbosity >= 1``: drop INFO records of libraries (orbax, jax, ...), and their
-    error records that carry a traceback (orbax logs each failed background save three times
-    with its traceback; dsc_jax reports the failure as one line). Keep everything from dsc_jax
-    and every other warning and error."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if "dsc_jax" in record.pathname or FLAGS.verbosity >= 1:
-            return True
-        if record.levelno >= std_logging.ERROR and record.exc_info:
-            return False
-        return record.levelno >= std_logging.WARNING
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with bad ``--config.key=value`` overrides (unknown key, wrong type)
     reported as one line instead of a traceback."""
@@ -137,5 +124,5 @@ def run() -> None:
     # Left behind by orbax when a background save fails and its threads are released.
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(QuietLibraries())
     app.run(main, flags_parser=parse_flags)

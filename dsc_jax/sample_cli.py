@@ -11,11 +11,12 @@ foreign workdir, prompt too long, bad sampling values) are one clear message, no
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
+
+from dsc_jax._logging import QuietLibraries
 
 FLAGS = flags.FLAGS
 
@@ -103,15 +104,8 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(f"dsc-sample: error: {err}")
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Only warnings from libraries (orbax, jax) unless ``--verbosity >= 1``."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or FLAGS.verbosity >= 1
-
-
 def run() -> None:
     """Console-script entry point (``dsc-sample``)."""
     define_flags()
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(QuietLibraries())
     app.run(main)
