@@ -17,6 +17,16 @@ projection; dropout 0.1 as in the paper) with the train state donated
   With ``--remat_compare`` (default) each configuration is also compiled with the other
   remat setting (``full`` when ``--remat none``, else ``none``) and the temp bytes remat saves
   are reported (compile only, not timed).
+* breakdown (``--breakdown``, default ``dense``): the step's ``head_ce`` (final LayerNorm +
+  tied LM head + cross-entropy), ``optimizer`` (one update) and ``blocks`` (embeddings +
+  blocks), each compiled on its own and timed in the step's block of every round (see
+  :mod:`step_parts`): ms, share of the same round's step, model FLOPs and MFU.
+* targets: "Dense MFU >= 0.6" and "routed kinds >= 0.8x Dense's MFU", measured value, met,
+  and when missed the reason and what it would take, computed from the breakdown.
+
+Every round (:func:`harness.time_round_robin`) runs one block per kind: its step, its parts
+and two matmuls (the faster counts as the round's matmul); the first block moves by one each
+round and odd rounds run each block back to front.
 
 If a step's first (warm-up) call exceeds ``--max_step_s`` the configuration is reported from
 that one call (``"slow": true``) and not timed further.
@@ -51,8 +61,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+import step_parts  # noqa: E402
 from flops import model_active_matmul_params, model_train_flops  # noqa: E402
-from harness import FAST_COMPILE_OPTIONS  # noqa: E402
+from harness import FAST_COMPILE_OPTIONS, Key, time_round_robin  # noqa: E402
 
 from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig  # noqa: E402
 from dsc_jax.layers.losses import LossWeights  # noqa: E402
@@ -144,6 +155,58 @@ def timed(run: Any) -> float:
     return time.perf_counter() - start
 
 
+def measure_kind(
+    kind: str, batch: int, args: argparse.Namespace, options: dict[str, Any] | None, parts: bool
+) -> dict[str, Any]:
+    """Compile ``kind``'s step at micro-batch ``batch`` (and, with ``parts``, its
+    :mod:`step_parts`), run the first step; the entry's ``"runners"`` are ``{"step": ...,
+    part: ...}`` no-argument runners (empty when the first step was ``slow``)."""
+    cfg = model_config(kind, args, args.remat)
+    compiled, state, tokens, rng, compile_s = compile_step(cfg, batch, options)
+    entry: dict[str, Any] = {
+        "kind": kind,
+        "batch": batch,
+        "seq": args.seq,
+        "compile_s": compile_s,
+        "active_matmul_params": model_active_matmul_params(cfg),
+        "model_flops": model_train_flops(cfg, batch, args.seq),
+        "memory": memory(compiled),
+    }
+    if args.remat_compare:
+        other = "full" if args.remat == "none" else "none"
+        other_compiled = compile_step(model_config(kind, args, other), batch, options)[0]
+        temps = {args.remat: entry["memory"]["temp"], other: memory(other_compiled)["temp"]}
+        del other_compiled
+        entry["remat_temp_bytes"] = temps
+        remat_key = other if args.remat == "none" else args.remat
+        entry["remat_saves_temp_bytes"] = temps["none"] - temps[remat_key]
+    # Before the first step: the step donates ``state``, the parts copy it.
+    built = (
+        step_parts.build_parts(cfg, state, tokens, entry["model_flops"]["total"], options)
+        if parts
+        else {}
+    )
+    holder = {"state": state}
+
+    def run() -> Any:
+        holder["state"], metrics = compiled(holder["state"], tokens, rng)
+        return metrics
+
+    entry["first_step_s"] = timed(run)
+    entry["slow"] = entry["first_step_s"] > args.max_step_s
+    entry["runners"] = {} if entry["slow"] else {"step": run}
+    if built and not entry["slow"]:
+        entry["runners"].update({name: part["run"] for name, part in built.items()})
+        entry["parts_flops"] = {name: part["flops"] for name, part in built.items()}
+        entry["parts_compile_s"] = {name: part["compile_s"] for name, part in built.items()}
+    print(
+        f"B={batch} {kind}: compiled in {compile_s:.1f} s, first step "
+        f"{entry['first_step_s']:.2f} s" + (f", parts {', '.join(built)}" if built else ""),
+        flush=True,
+    )
+    return entry
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", default=",".join(KINDS))
@@ -160,6 +223,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="einsum",
         choices=ATTENTION_IMPLEMENTATIONS,
         help="GPTConfig.attention; xla/cudnn run without dropout on the probabilities",
+    )
+    parser.add_argument(
+        "--breakdown",
+        default="dense",
+        help="kinds whose step is split into head_ce / optimizer / blocks (comma list, 'all', '')",
     )
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -178,59 +246,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     options = FAST_COMPILE_OPTIONS if args.fast_compile else None
     kinds = [k for k in args.kinds.split(",") if k]
     batches = [int(b) for b in args.batches.split(",") if b]
+    breakdown = kinds if args.breakdown == "all" else [k for k in args.breakdown.split(",") if k]
     matmul = matmul_runner(args.matmul_n, options)
     results: dict[str, Any] = {}
     for batch in batches:
-        entries: dict[str, dict[str, Any]] = {}
-        runners: dict[str, Any] = {}
-        for kind in kinds:
-            cfg = model_config(kind, args, args.remat)
-            compiled, state, tokens, rng, compile_s = compile_step(cfg, batch, options)
-            entry: dict[str, Any] = {
-                "kind": kind,
-                "batch": batch,
-                "seq": args.seq,
-                "compile_s": compile_s,
-                "active_matmul_params": model_active_matmul_params(cfg),
-                "model_flops": model_train_flops(cfg, batch, args.seq),
-                "memory": memory(compiled),
-            }
-            if args.remat_compare:
-                other = "full" if args.remat == "none" else "none"
-                other_compiled = compile_step(model_config(kind, args, other), batch, options)[0]
-                temps = {args.remat: entry["memory"]["temp"], other: memory(other_compiled)["temp"]}
-                del other_compiled
-                entry["remat_temp_bytes"] = temps
-                remat_key = other if args.remat == "none" else args.remat
-                entry["remat_saves_temp_bytes"] = temps["none"] - temps[remat_key]
-            holder = {"state": state}
-
-            def run(compiled=compiled, holder=holder, tokens=tokens, rng=rng) -> Any:
-                holder["state"], metrics = compiled(holder["state"], tokens, rng)
-                return metrics
-
-            first = timed(run)
-            entry["first_step_s"] = first
-            entry["slow"] = first > args.max_step_s
-            entries[kind] = entry
-            if not entry["slow"]:
-                runners[kind] = run
-            else:
-                entry["step_s"] = [first]
+        entries = {
+            kind: measure_kind(kind, batch, args, options, kind in breakdown) for kind in kinds
+        }
+        runners: dict[Key, Any] = {}
+        blocks: list[list[Key]] = []
+        for kind, entry in entries.items():
+            kind_runners = entry.pop("runners")
+            if entry["slow"]:
+                entry["step_s"] = [entry["first_step_s"]]
                 entry["matmul_s"] = [timed(matmul)]
-            print(
-                f"B={batch} {kind}: compiled in {compile_s:.1f} s, first step {first:.2f} s",
-                flush=True,
-            )
-        for _ in range(args.warmup):
-            for run in runners.values():
-                timed(run)
-        for rep in range(args.iters):
-            order = list(runners) if rep % 2 == 0 else list(reversed(runners))
-            for kind in order:
-                entry = entries[kind]
-                entry.setdefault("step_s", []).append(timed(runners[kind]))
-                entry.setdefault("matmul_s", []).append(min(timed(matmul) for _ in range(2)))
+                continue
+            # One block per kind: its step, its parts, two matmuls (the faster one counts).
+            kind_runners.update({"matmul": matmul, "matmul_2": matmul})
+            runners.update({(kind, name): run for name, run in kind_runners.items()})
+            blocks.append([(kind, name) for name in kind_runners])
+        samples = time_round_robin(runners, blocks, args.iters, args.warmup) if blocks else {}
+        for kind, entry in entries.items():
+            if entry["slow"]:
+                continue
+            seconds = {
+                name: [ms / 1e3 for ms in samples[(k, name)]] for k, name in samples if k == kind
+            }
+            entry["step_s"] = seconds.pop("step")
+            entry["matmul_s"] = [
+                min(a, b)
+                for a, b in zip(seconds.pop("matmul"), seconds.pop("matmul_2"), strict=True)
+            ]
+            if seconds:
+                entry["parts_s"] = seconds
         results[f"B{batch}"] = entries
         runners.clear()
     report = {
@@ -251,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     finalize(report)
     print_table(report)
+    step_parts.print_breakdown(report)
+    step_parts.print_targets(report)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -264,6 +314,8 @@ def finalize(report: dict[str, Any]) -> None:
     capability; the median moves with other jobs' load); ``mfu`` = model FLOP/s at the median
     step time ÷ that peak, so ``mfu_ratio_dense`` is a pure step-time comparison.
     ``mfu_paired`` is the median over rounds of model FLOP/s ÷ the same round's matmul rate.
+    Entries timed with parts get ``breakdown`` (:func:`step_parts.finalize_breakdown`); the
+    report gets ``targets`` (:func:`step_parts.targets`).
     """
     matmul_flops = 2 * report["metadata"]["matmul_n"] ** 3
     all_entries = [e for entries in report["results"].values() for e in entries.values()]
@@ -286,6 +338,9 @@ def finalize(report: dict[str, Any]) -> None:
             entry["mfu_ratio_dense"] = (
                 entry["mfu"] / entries["dense"]["mfu"] if "dense" in entries else None
             )
+            if "parts_s" in entry:
+                step_parts.finalize_breakdown(entry, peak, matmul_flops)
+    report["targets"] = step_parts.targets(report)
 
 
 def print_table(report: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/ (layer_latency.py, flops.py, harness.py, dsc_breakdown.py)
-on tiny configurations (JSON schema, flags).
+"""Smoke tests of benchmarks/ (layer_latency.py, flops.py, harness.py, dsc_breakdown.py,
+train_step.py, step_parts.py, product_key.py) on tiny configurations (JSON schema, flags).
 
 Run in-process with XLA backend optimisation off (``--fast_compile``): they check the
 plumbing and the schema, not speed.
@@ -174,7 +174,8 @@ def test_train_step_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
         [*argv, "--matmul_n=64", "--fast_compile", f"--out={out}"]
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert "mfu" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "mfu" in stdout
     entries = report["results"]["B2"]
     assert set(entries) == {"dense", "dsc"}
     for entry in entries.values():
@@ -183,6 +184,58 @@ def test_train_step_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
         assert entry["memory"]["peak"] >= entry["memory"]["temp"] > 0
         assert set(entry["remat_temp_bytes"]) == {"none", "full"}
     assert entries["dense"]["mfu_ratio_dense"] == 1.0
+    assert "breakdown" not in entries["dsc"]  # --breakdown defaults to dense
+    dense = entries["dense"]
+    parts = dense["breakdown"]["parts"]
+    assert set(parts) == {"head_ce", "optimizer", "blocks", "rest"}
+    for name in ("head_ce", "optimizer", "blocks"):
+        assert _positive(parts[name]["ms"]) and _positive(parts[name]["share"]), name
+    for name in ("head_ce", "blocks"):
+        assert _positive(parts[name]["flops"]) and _positive(parts[name]["mfu"]), name
+    assert parts["optimizer"]["flops"] == 0 and parts["optimizer"]["mfu"] == 0
+    assert math.isfinite(parts["rest"]["ms"]) and math.isfinite(parts["rest"]["share"])
+    assert parts["head_ce"]["flops"] + parts["blocks"]["flops"] == dense["model_flops"]["total"]
+    assert parts["head_ce"]["flops"] == 6 * 2 * 16 * 16 * 64  # 6·N·d·V
+    targets = {(t["kind"], t["batch"]): t for t in report["targets"]}
+    assert set(targets) == {("dense", 2), ("dsc", 2)}
+    assert targets["dense", 2]["threshold"] == 0.6 and targets["dsc", 2]["threshold"] == 0.8
+    for target in targets.values():
+        assert _positive(target["measured"]) and isinstance(target["met"], bool)
+        assert target["met"] or (target["reason"] and target["would_take"]), target
+    assert "step breakdown" in stdout and "head_ce" in stdout
+    assert "targets" in stdout and "met: " in stdout
+
+
+def test_step_parts_compose_to_the_trainer_loss() -> None:
+    """Trunk (embeddings + blocks) then head_ce give the trainer's cross-entropy."""
+    _load_script("train_step")  # puts benchmarks/ on sys.path for step_parts' imports
+    step_parts = _load_script("step_parts")
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from dsc_jax import GPT, DSCConfig, GPTConfig
+    from dsc_jax.layers.losses import LossWeights
+    from dsc_jax.train.steps import loss_fn
+
+    cfg = GPTConfig(
+        ffn=DSCConfig(num_bases=16, hidden_dim=16),
+        d_model=16,
+        num_layers=2,
+        num_heads=2,
+        vocab_size=64,
+        max_seq_len=8,
+        dropout_rate=0.0,
+    )
+    model = GPT(cfg)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    batch = jax.random.randint(jax.random.key(1), (2, 9), 0, 64, jnp.int32)
+    _, metrics = loss_fn(params, model.apply, batch, jax.random.key(2), LossWeights())
+    trunk_params = {name: value for name, value in params.items() if name != "ln_f"}
+    x = step_parts.Trunk(cfg).apply({"params": trunk_params}, batch[:, :-1])
+    embedding = params["wte"]["embedding"]
+    ce = step_parts.head_ce_loss(cfg)(x, params["ln_f"], embedding, batch[:, 1:])
+    assert float(ce) == pytest.approx(float(metrics["train_ce"]), rel=1e-5)
 
 
 def test_model_train_flops_formula() -> None:
