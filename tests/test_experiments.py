@@ -65,6 +65,28 @@ def test_second_invocation_skips_finished_runs(sweep, capsys):
         assert (sweep / p / "metrics.jsonl").read_bytes() == before
 
 
+def test_finished_run_from_older_code_is_skipped_not_refused(sweep, capsys):
+    """A finished run whose config.json lacks keys added to the code since (at their defaults)
+    and whose fingerprint is therefore stale is skipped; a real change is refused."""
+    workdir = sweep / "dsc_seed0"
+    config_path, done_path = workdir / "config.json", workdir / runner.DONE_FILE
+    config_text, done_text = config_path.read_text(), done_path.read_text()
+    try:
+        saved = json.loads(config_text)
+        del saved["config"]["model"]["attention"], saved["config"]["model"]["attention_dropout"]
+        config_path.write_text(json.dumps(saved))
+        done_path.write_text(json.dumps({**json.loads(done_text), "fingerprint": "older"}))
+        assert cli.main([*ARGS, "--results", str(sweep.parent), "--no-latency"]) == 0
+        assert "(0 trained, 4 skipped)" in capsys.readouterr().out
+        saved["config"]["optim"]["learning_rate"] *= 2  # trained with another setting: not this run
+        config_path.write_text(json.dumps(saved))
+        with pytest.raises(ValueError, match="finished with another config"):
+            cli.main([*ARGS, "--results", str(sweep.parent), "--no-latency"])
+    finally:
+        config_path.write_text(config_text)
+        done_path.write_text(done_text)
+
+
 def test_interrupted_run_resumes(sweep, capsys):
     """A run whose newest checkpoint is before the last step (the final one removed, no
     done.json) continues from it instead of starting over."""

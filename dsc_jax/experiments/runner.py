@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from dsc_jax import paper
 from dsc_jax.experiments.presets import METHODS, STUDIES, Study
 from dsc_jax.models.solver import (
     IsoActiveSolution,
@@ -28,7 +29,7 @@ from dsc_jax.models.solver import (
     solve_iso_active,
 )
 from dsc_jax.train import config as config_lib
-from dsc_jax.train.workdir import CHECKPOINT_DIR
+from dsc_jax.train.workdir import CHECKPOINT_DIR, read_saved_config
 
 logger = logging.getLogger("dsc_jax.experiments")
 
@@ -57,17 +58,18 @@ class Variant:
     ``overrides`` are dotted config keys (``"losses.aux": 0.0``) applied after the FFN is
     sized; ``ffn`` overrides the solved FFN fields (``{"top_k": 8}``); ``scale`` multiplies
     ``d_model`` and the parameter targets' FFN budget (d and M scaled together);
-    ``match_active`` then re-sizes the FFN's ``hidden_dim`` (the static FFN, or the experts)
-    so that the run has as many active parameters as the study's solved ``kind`` variant
-    (e.g. a product-key router, whose weights are ``d·√M`` instead of ``d·M``, spends the
-    difference on the static FFN)."""
+    ``match_active`` (FFN field overrides of a reference, ``{}`` for the study's solved
+    ``kind`` variant) then re-sizes the FFN's ``hidden_dim`` (the static FFN, or the experts)
+    so that the run has as many active parameters as that reference (e.g. a product-key
+    router, whose weights are ``d·√M`` instead of ``d·M``, spends the difference on the
+    static FFN)."""
 
     name: str
     kind: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     ffn: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     scale: float = 1.0
-    match_active: bool = False
+    match_active: Mapping[str, Any] | None = None
 
 
 def method_variants(methods: Sequence[str]) -> list[Variant]:
@@ -102,7 +104,14 @@ def ablation_variants(axis: str) -> list[Variant]:
         for bases in PRODUCT_KEY_BASES:
             pk = {"router": "product_key", "num_bases": bases}
             out.append(Variant(f"dsc_pk{bases}_same_ffn", "dsc", ffn=pk))
-            out.append(Variant(f"dsc_pk{bases}", "dsc", ffn=pk, match_active=True))
+            out.append(Variant(f"dsc_pk{bases}", "dsc", ffn=pk, match_active={}))
+        # the issue's pairing: flat at the paper's M=1523 (more active router weights than the
+        # study's solved M) and product keys at 65,536 with as many active parameters
+        flat_1523 = {"num_bases": paper.DSC_NUM_BASES}
+        pk = {"router": "product_key", "num_bases": PRODUCT_KEY_BASES[-1]}
+        out.append(Variant(f"dsc_flat{paper.DSC_NUM_BASES}", "dsc", ffn=flat_1523))
+        name = f"dsc_pk{PRODUCT_KEY_BASES[-1]}_as_flat{paper.DSC_NUM_BASES}"
+        out.append(Variant(name, "dsc", ffn=pk, match_active=flat_1523))
         return out
     raise ValueError(f"unknown ablation {axis!r}; expected one of {ABLATIONS}.")
 
@@ -166,8 +175,10 @@ def method_config(
     config.name = f"{study.name}/{variant.name}_seed{seed}"
     if steps is not None:
         config.num_train_steps = steps
-    if variant.match_active:
-        reference = method_config(study, base, Variant("reference", variant.kind), seed, steps)
+    if variant.match_active is not None:
+        reference = method_config(
+            study, base, Variant("reference", variant.kind, ffn=variant.match_active), seed, steps
+        )
         ffn["hidden_dim"] = _match_active_hidden(
             config, variant.kind, reference[1]["active_params"], sol.config.vocab_size
         )
@@ -232,6 +243,19 @@ class Run:
     sizes: dict[str, Any]
 
 
+def same_finished_config(run: Run, done: Mapping[str, Any]) -> bool:
+    """Whether the finished run in ``run.workdir`` was trained with ``run.config``: the same
+    fingerprint, or a ``config.json`` that differs only by keys added to the code since, at
+    their defaults (the rule a resumed run follows, :func:`config_lib.resume_changes`)."""
+    if done.get("fingerprint") == fingerprint(run.config):
+        return True
+    saved = read_saved_config(run.workdir)
+    if saved is None:
+        return False
+    allowed, refused = config_lib.resume_changes(saved, run.config)
+    return not allowed and not refused
+
+
 def plan(
     study: Study,
     results: str,
@@ -267,7 +291,7 @@ def execute(runs: Sequence[Run], log=print) -> dict[str, int]:
     for i, run in enumerate(runs):
         done = read_done(run.workdir)
         fp = fingerprint(run.config)
-        if done is not None and done.get("fingerprint") == fp:
+        if done is not None and same_finished_config(run, done):
             counts["skipped"] += 1
             log(f"[dsc-compare] skip finished run {run.workdir}")
         else:
