@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dsc_jax import DSCConfig, GPTConfig
-from dsc_jax.layers import common, dsc_product_key
+from dsc_jax.layers import common, dsc_product_key, dsc_router
 from dsc_jax.layers.dsc import DSCLayer
 from dsc_jax.layers.dsc_router import normalize_rows
 from dsc_jax.models.gpt import GPT
@@ -176,6 +176,34 @@ def test_regularisers_without_pool_sized_arrays() -> None:
         {"params": _params(layer)}, jnp.ones((3, D)), deterministic=False, mutable=["losses"]
     )
     assert set(state["losses"]) == {"aux", "budget", "z"}
+
+
+def test_joint_aux_equals_the_flat_aux_over_all_atoms() -> None:
+    """``product_key_aux="joint"`` is the flat router's ``M Σ P²`` on the ``[N, M]`` sums
+    (float32, rtol 1e-5; scores below τ/2 so clipping the halves equals clipping the sum),
+    and it sees a joint collapse that the marginal loss cannot."""
+    s1 = jax.random.normal(jax.random.key(14), (2, 6, 4))
+    s2 = jax.random.normal(jax.random.key(15), (2, 6, 8))
+    full = (s1[..., :, None] + s2[..., None, :]).reshape(2, 6, 32)
+    np.testing.assert_allclose(
+        dsc_product_key.product_key_joint_aux_loss(s1, s2, 20.0),
+        dsc_router.aux_loss(jnp.clip(full, -20.0, 20.0)),
+        rtol=1e-5,
+    )
+    # two tokens, each sure of one atom: (0, 0) and (1, 1). Rows and columns are used
+    # evenly by both (marginals balanced on a 2x2 grid), but only 2 of the 4 atoms are used.
+    peaked = 50.0 * jnp.eye(2)
+    marginal = dsc_product_key.product_key_aux_loss(peaked, peaked, 100.0)
+    joint = dsc_product_key.product_key_joint_aux_loss(peaked, peaked, 100.0)
+    assert float(marginal) == pytest.approx(1.0, rel=1e-4)  # "balanced"
+    assert float(joint) == pytest.approx(2.0, rel=1e-4)  # 4 · (½² + ½²): half the atoms idle
+    layer = _layer(product_key_aux="joint")
+    _, state = layer.apply(
+        {"params": _params(layer)}, jnp.ones((3, D)), deterministic=False, mutable=["losses"]
+    )
+    assert np.isfinite(float(state["losses"]["aux"][0]))
+    with pytest.raises(ValueError, match="product_key_aux='both'"):
+        _layer(product_key_aux="both")
 
 
 def test_bad_bank_sizes_raise_clearly() -> None:

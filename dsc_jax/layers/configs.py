@@ -130,6 +130,7 @@ class DSCConfig(_FFNConfig):
     compute: str = "auto"
     router: str = "flat"
     product_key_rows: int = 0
+    product_key_aux: str = "marginal"
     frame_regularizer: bool = True
     tau: float = paper.TAU
     eps: float = paper.EPS

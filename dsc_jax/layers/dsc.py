@@ -18,6 +18,7 @@ from dsc_jax.layers import common, dsc_contract, dsc_product_key, dsc_router
 
 VARIANTS = ("refined", "basic")
 ROUTERS = ("flat", "product_key")
+PRODUCT_KEY_AUX = ("marginal", "joint")
 COMPUTE_MODES = ("auto", "gather", "dense")
 
 # "auto" picks "dense" (two [N,d]x[d,M] matmuls over every atom) when the bank is at most this
@@ -65,6 +66,9 @@ class DSCLayer(nn.Module):
         ``n₁ × n₂ = M`` keys over the two halves of the router input, exact two-stage top-K;
         see :mod:`dsc_jax.layers.dsc_product_key`).
       product_key_rows: ``n₁`` of the product-key router (``0``: ``√M``, M a perfect square).
+      product_key_aux: the product-key load-balancing loss: ``"marginal"`` balances each
+        sub-key table's usage (``O(N·√M)``); ``"joint"`` balances the ``M`` atoms' mean
+        probabilities like the flat router's loss (``O(N·M)`` FLOPs, no ``[N, M]`` array).
       frame_regularizer: sow the frame loss (``O(M d²)`` FLOPs per call, independent of the
         token count: at M=65,536, d=384 about 39 GFLOP forward; turn it off at large M).
       dropout_rate: dropout on the output when ``deterministic=False``.
@@ -99,6 +103,7 @@ class DSCLayer(nn.Module):
     compute: str = "auto"
     router: str = "flat"
     product_key_rows: int = 0
+    product_key_aux: str = "marginal"
     frame_regularizer: bool = True
     dropout_rate: float = 0.0
     init_std: float = paper.INIT_STD
@@ -115,6 +120,7 @@ class DSCLayer(nn.Module):
         _checks.check_choice(name, "compute", self.compute, COMPUTE_MODES)
         _checks.check_choice(name, "router", self.router, ROUTERS)
         _checks.check_choice(name, "frame_regularizer", self.frame_regularizer, (True, False))
+        _checks.check_choice(name, "product_key_aux", self.product_key_aux, PRODUCT_KEY_AUX)
         if self.router == "product_key":
             dsc_product_key.product_key_shape(name, self.num_bases, self.product_key_rows)
         elif self.product_key_rows:
@@ -252,7 +258,12 @@ class DSCLayer(nn.Module):
                 aux = dsc_router.aux_loss(routing.clipped_logits)
                 z = common.z_loss(logits)
             else:
-                aux = dsc_product_key.product_key_aux_loss(*logits, self.tau)
+                aux_fn = (
+                    dsc_product_key.product_key_joint_aux_loss
+                    if self.product_key_aux == "joint"
+                    else dsc_product_key.product_key_aux_loss
+                )
+                aux = aux_fn(*logits, self.tau)
                 z = dsc_product_key.product_key_z_loss(*logits)
             self.sow("losses", "aux", aux)
             self.sow("losses", "budget", dsc_router.budget_loss(routing.signal, self.budget_target))

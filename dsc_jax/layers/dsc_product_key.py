@@ -25,6 +25,13 @@ Regularisers without ``[N, M]`` arrays:
   It is 1 at uniform usage of each half's keys, like the flat ``M Σ P²``; a per-token product
   ``p₁ ⊗ p₂`` averaged over tokens is not the product of the averages, so this balances the
   marginals (the row and column usage of the ``n₁×n₂`` grid), a proxy for the atom usage.
+* joint aux (``product_key_aux="joint"``, :func:`product_key_joint_aux_loss`): the flat
+  ``M Σ_j P_j²`` over all ``M`` atoms. The softmax of a sum factorises,
+  ``softmax(s₁ ⊕ s₂)[i₁, i₂] = softmax(s₁)[i₁] · softmax(s₂)[i₂]``, so the mean atom
+  probabilities are one matmul ``P = p₁ᵀ p₂ / N [n₁, n₂]``: ``O(N·M)`` FLOPs and an
+  ``[n₁, n₂]`` (= ``M``) array, never ``[N, M]``. The halves are clipped separately
+  (``clip(s₁) + clip(s₂)`` instead of ``clip(s₁ + s₂)``; equal whenever no score reaches
+  ``τ/2``).
 """
 
 from __future__ import annotations
@@ -136,6 +143,19 @@ def product_key_aux_loss(scores_1: jax.Array, scores_2: jax.Array, tau: float) -
     for scores in (scores_1, scores_2):
         total = total + dsc_router.aux_loss(jnp.clip(scores.astype(jnp.float32), -tau, tau))
     return total / 2
+
+
+def product_key_joint_aux_loss(scores_1: jax.Array, scores_2: jax.Array, tau: float) -> jax.Array:
+    """``M Σ_j P_j²`` with ``P = mean_tokens softmax(clip(s₁) ⊕ clip(s₂))``, as ``[n₁, n₂]``
+    ``= p₁ᵀ p₂ / N`` (``scores_h: [..., n_h]``)."""
+    probs = [
+        jax.nn.softmax(jnp.clip(s.astype(jnp.float32), -tau, tau), axis=-1)
+        for s in (scores_1, scores_2)
+    ]
+    probs_1 = probs[0].reshape(-1, probs[0].shape[-1])
+    probs_2 = probs[1].reshape(-1, probs[1].shape[-1])
+    mean_probs = probs_1.T @ probs_2 / probs_1.shape[0]  # [n₁, n₂]
+    return mean_probs.size * jnp.sum(jnp.square(mean_probs))
 
 
 def product_key_z_loss(scores_1: jax.Array, scores_2: jax.Array) -> jax.Array:
