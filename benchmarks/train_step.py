@@ -93,6 +93,7 @@ def model_config(kind: str, args: argparse.Namespace, remat: str) -> GPTConfig:
     """The GPT of ``kind`` (paper defaults, or the ``--quick`` / ``--tiny`` sizes)."""
     fields: dict[str, Any] = {"max_seq_len": args.seq, "scan_layers": args.scan_layers}
     fields["remat"] = remat
+    fields["dtype"] = args.dtype  # compute dtype; parameters stay float32
     if args.attention != "einsum":  # fused attention has no dropout on the probabilities
         fields.update(attention=args.attention, attention_dropout=False)
     if args.dropout is not None:
@@ -219,6 +220,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no_remat_compare", dest="remat_compare", action="store_false")
     parser.add_argument("--dropout", type=float, default=None, help="override (paper: 0.1)")
     parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="GPTConfig.dtype (compute); bfloat16 on GPU/TPU, with --attention cudnn on GPU",
+    )
+    parser.add_argument(
         "--attention",
         default="einsum",
         choices=ATTENTION_IMPLEMENTATIONS,
@@ -291,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "scan_layers": args.scan_layers,
             "remat": args.remat,
             "attention": args.attention,
+            "dtype": args.dtype,
             "iters": args.iters,
             "matmul_n": args.matmul_n,
             "dropout_rate": model_config(kinds[0], args, "none").dropout_rate,
