@@ -40,6 +40,11 @@ def test_report_has_rows_columns_and_files(sweep):
     ):
         assert col in header
     assert "| DSC |" in md and "| Standard MoE |" in md and "Table 1" in md
+    routing = md.split("### DSC routing at the last evaluation")[1].split("###")[0]
+    dsc_line = next(line for line in routing.splitlines() if line.startswith("| DSC |"))
+    used, entropy, gated, erank = (float(c) for c in dsc_line.strip("|").split("|")[1:])
+    assert 0 < used <= 1 and 0 < entropy <= 1 and 0 <= gated <= 1 and erank > 1
+    assert "| Standard MoE |" not in routing
     data = json.loads((sweep / "comparison.json").read_text())
     rows = {r["variant"]: r for r in data["rows"]}
     assert set(rows) == {"dsc", "moe"}

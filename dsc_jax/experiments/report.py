@@ -110,10 +110,7 @@ def aggregate(runs: Sequence[Run], latency: dict[str, dict[str, float]]) -> dict
             row["diag"][run.seed] = [
                 {
                     "step": r["step"],
-                    **{
-                        s: _layer_mean(r, s)
-                        for s in ("usage_entropy_norm", "used_frac", "erank_u", "erank_v")
-                    },
+                    **{s: _layer_mean(r, s) for s in DSC_STATS},
                 }
                 for r in records
                 if r.get("eval_loss") is not None
@@ -138,6 +135,43 @@ def aggregate(runs: Sequence[Run], latency: dict[str, dict[str, float]]) -> dict
         # |Δ| larger than the two seed std's added: the ±1 std intervals do not overlap.
         row["beyond_spread"] = abs(delta) > row["val_loss_std"] + ref["val_loss_std"]
     return {"rows": list(rows.values()), "reference": ref["variant"] if ref else None}
+
+
+#: Per-layer DSC diagnostics kept per evaluation (means over layers; see
+#: :mod:`dsc_jax.train.diagnostics`).
+DSC_STATS = ("usage_entropy_norm", "used_frac", "signal_collapse_frac", "erank_u", "erank_v")
+
+
+def dsc_routing_table(summary: dict[str, Any]) -> str:
+    """Markdown: each DSC row's routing at its last evaluation, mean over seeds (empty when
+    no DSC run has diagnostics)."""
+    lines = []
+    for r in summary["rows"]:
+        finals = [ds[-1] for ds in r.get("diag", {}).values() if ds]
+        if r["kind"] != "dsc" or not finals:
+            continue
+        cells = []
+        for stat in ("used_frac", "usage_entropy_norm", "signal_collapse_frac", "erank_u"):
+            values = [f[stat] for f in finals if f.get(stat) is not None]
+            cells.append(f"{float(np.mean(values)):.3f}" if values else "—")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join(
+        [
+            "### DSC routing at the last evaluation (mean over seeds and layers)",
+            "",
+            "| method | atoms used | usage entropy / ln M | tokens gated off (S < 0.1) "
+            "| effective rank of U |",
+            "|---|---|---|---|---|",
+            *lines,
+            "",
+            "atoms used: fraction of the bank selected at least once on the validation "
+            "windows; S: the router signal (sum of the K softplus logits), below 0.1 the "
+            "dynamic path is gated to ~0.",
+            "",
+        ]
+    )
 
 
 def _m(x: float) -> str:
@@ -263,8 +297,10 @@ def write_report(
     md = markdown(summary, title, command, description)
     md_path = os.path.join(folder, "comparison.md")
     with open(md_path, "w") as f:
+        routing = dsc_routing_table(summary)
         f.write(
             md
+            + (f"\n{routing}" if routing else "")
             + "\n### Paper (Table 1, T4 GPU, 35 M / 28 M, WikiText-103)\n\n"
             + paper_table()
             + "\n"
