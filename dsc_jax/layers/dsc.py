@@ -18,7 +18,7 @@ from dsc_jax.layers import common, dsc_contract, dsc_product_key, dsc_router
 
 VARIANTS = ("refined", "basic")
 ROUTERS = ("flat", "product_key")
-PRODUCT_KEY_AUX = ("marginal", "joint")
+PRODUCT_KEY_AUX = ("marginal", "joint", "selection")
 COMPUTE_MODES = ("auto", "gather", "dense")
 
 # "auto" picks "dense" (two [N,d]x[d,M] matmuls over every atom) when the bank is at most this
@@ -68,7 +68,9 @@ class DSCLayer(nn.Module):
       product_key_rows: ``n₁`` of the product-key router (``0``: ``√M``, M a perfect square).
       product_key_aux: the product-key load-balancing loss: ``"marginal"`` balances each
         sub-key table's usage (``O(N·√M)``); ``"joint"`` balances the ``M`` atoms' mean
-        probabilities like the flat router's loss (``O(N·M)`` FLOPs, no ``[N, M]`` array).
+        probabilities like the flat router's loss; ``"selection"`` is Switch-style
+        ``M Σ_j f_j P_j`` on the atoms' top-K pick fractions ``f`` (both ``O(N·M)`` FLOPs, no
+        ``[N, M]`` array; see :mod:`dsc_jax.layers.dsc_product_key`).
       frame_regularizer: sow the frame loss (``O(M d²)`` FLOPs per call, independent of the
         token count: at M=65,536, d=384 about 39 GFLOP forward; turn it off at large M).
       dropout_rate: dropout on the output when ``deterministic=False``.
@@ -258,12 +260,14 @@ class DSCLayer(nn.Module):
                 aux = dsc_router.aux_loss(routing.clipped_logits)
                 z = common.z_loss(logits)
             else:
-                aux_fn = (
-                    dsc_product_key.product_key_joint_aux_loss
-                    if self.product_key_aux == "joint"
-                    else dsc_product_key.product_key_aux_loss
-                )
-                aux = aux_fn(*logits, self.tau)
+                if self.product_key_aux == "selection":
+                    aux = dsc_product_key.product_key_selection_aux_loss(
+                        *logits, routing.indices, self.tau
+                    )
+                elif self.product_key_aux == "joint":
+                    aux = dsc_product_key.product_key_joint_aux_loss(*logits, self.tau)
+                else:
+                    aux = dsc_product_key.product_key_aux_loss(*logits, self.tau)
                 z = dsc_product_key.product_key_z_loss(*logits)
             self.sow("losses", "aux", aux)
             self.sow("losses", "budget", dsc_router.budget_loss(routing.signal, self.budget_target))

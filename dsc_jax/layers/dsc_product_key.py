@@ -32,6 +32,11 @@ Regularisers without ``[N, M]`` arrays:
   ``[n₁, n₂]`` (= ``M``) array, never ``[N, M]``. The halves are clipped separately
   (``clip(s₁) + clip(s₂)`` instead of ``clip(s₁ + s₂)``; equal whenever no score reaches
   ``τ/2``).
+* selection aux (``product_key_aux="selection"``, :func:`product_key_selection_aux_loss`):
+  Switch-style ``M Σ_j f_j P_j`` with ``f_j`` the fraction of the top-K picks that chose atom
+  ``j`` (no gradient) and the same ``P``: it penalises the atoms that are *picked* too often,
+  which the softmax means of a large bank hide (at M=65,536 they stay near uniform while the
+  picks concentrate; see ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -156,6 +161,22 @@ def product_key_joint_aux_loss(scores_1: jax.Array, scores_2: jax.Array, tau: fl
     probs_2 = probs[1].reshape(-1, probs[1].shape[-1])
     mean_probs = probs_1.T @ probs_2 / probs_1.shape[0]  # [n₁, n₂]
     return mean_probs.size * jnp.sum(jnp.square(mean_probs))
+
+
+def product_key_selection_aux_loss(
+    scores_1: jax.Array, scores_2: jax.Array, indices: jax.Array, tau: float
+) -> jax.Array:
+    """Switch-style ``M Σ_j f_j P_j``: ``f_j`` the fraction of the top-K picks that chose atom
+    ``j`` (no gradient), ``P = p₁ᵀ p₂ / N`` the mean atom probabilities; 1 at uniform picks."""
+    probs = [
+        jax.nn.softmax(jnp.clip(s.astype(jnp.float32), -tau, tau), axis=-1)
+        for s in (scores_1, scores_2)
+    ]
+    probs_1 = probs[0].reshape(-1, probs[0].shape[-1])
+    probs_2 = probs[1].reshape(-1, probs[1].shape[-1])
+    mean_probs = (probs_1.T @ probs_2 / probs_1.shape[0]).reshape(-1)  # [M]
+    picked = jnp.take(mean_probs, jax.lax.stop_gradient(indices).reshape(-1))
+    return mean_probs.size * jnp.mean(picked)
 
 
 def product_key_z_loss(scores_1: jax.Array, scores_2: jax.Array) -> jax.Array:
