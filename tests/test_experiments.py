@@ -92,6 +92,27 @@ def test_finished_run_from_older_code_is_skipped_not_refused(sweep, capsys):
         done_path.write_text(done_text)
 
 
+def test_latency_uses_another_seed_when_checkpoints_are_gone(sweep, capsys):
+    """The report measures latency from any finished seed with a checkpoint; a variant with
+    none gets no latency and a warning, and the report is still written."""
+    moved = sweep.parent / "moved_checkpoints"
+    moved.mkdir()
+    try:
+        shutil.move(sweep / "dsc_seed0" / "checkpoints", moved / "dsc_seed0")  # seed 1 remains
+        shutil.move(sweep / "moe_seed0" / "checkpoints", moved / "moe_seed0")
+        shutil.move(sweep / "moe_seed1" / "checkpoints", moved / "moe_seed1")  # none left
+        args = [*ARGS, "--results", str(sweep.parent), "--report-only", "--latency-rounds", "2"]
+        assert cli.main(args) == 0
+        rows = {
+            r["variant"]: r for r in json.loads((sweep / "comparison.json").read_text())["rows"]
+        }
+        assert rows["dsc"]["latency"]["ms"] > 0 and not rows["moe"]["latency"]
+    finally:
+        for name in ("dsc_seed0", "moe_seed0", "moe_seed1"):
+            if (moved / name).exists():
+                shutil.move(moved / name, sweep / name / "checkpoints")
+
+
 def test_interrupted_run_resumes(sweep, capsys):
     """A run whose newest checkpoint is before the last step (the final one removed, no
     done.json) continues from it instead of starting over."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
@@ -15,6 +16,8 @@ from dsc_jax import paper
 from dsc_jax.experiments.presets import METHOD_NAMES
 from dsc_jax.experiments.runner import REFERENCE_VARIANTS, Run, read_done, read_metrics
 
+logger = logging.getLogger("dsc_jax.experiments")
+
 
 def measure_latency(
     runs: Sequence[Run], rounds: int = 30, warmup: int = 3
@@ -25,7 +28,7 @@ def measure_latency(
     import jax
     import jax.numpy as jnp
 
-    from dsc_jax.loading import load_model
+    from dsc_jax.loading import RunNotFoundError, load_model
     from dsc_jax.models.gpt import GPT
 
     fns = {}
@@ -33,7 +36,11 @@ def measure_latency(
         name = run.variant.name
         if name in fns or read_done(run.workdir) is None:
             continue
-        loaded = load_model(run.workdir)
+        try:  # any finished seed of the variant will do; its checkpoints may be gone
+            loaded = load_model(run.workdir)
+        except RunNotFoundError as err:
+            logger.warning("latency of %s: skipping %s (%s)", name, run.workdir, err)
+            continue
         cfg = run.config
         batch = cfg.eval_batch_size or cfg.batch_size // cfg.micro_batches
         tokens = jax.random.randint(
@@ -50,6 +57,9 @@ def measure_latency(
             jax.block_until_ready(fn(params, tokens))
             if r >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
+    missing = sorted({run.variant.name for run in runs} - set(fns))
+    if missing:
+        logger.warning("no latency for %s: no finished run with a checkpoint", missing)
     out = {}
     for name, ts in times.items():
         q1, q3 = np.percentile(ts, [25, 75])

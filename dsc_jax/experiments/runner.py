@@ -105,10 +105,14 @@ def ablation_variants(axis: str) -> list[Variant]:
             pk = {"router": "product_key", "num_bases": bases}
             out.append(Variant(f"dsc_pk{bases}_same_ffn", "dsc", ffn=pk))
             out.append(Variant(f"dsc_pk{bases}", "dsc", ffn=pk, match_active={}))
+        # balancing the atoms' top-K picks instead of each sub-key table's (issue 11 follow-up)
+        pk = {"router": "product_key", "num_bases": PRODUCT_KEY_BASES[-1]}
+        selection = {**pk, "product_key_aux": "selection"}
+        name = f"dsc_pk{PRODUCT_KEY_BASES[-1]}_selection"
+        out.append(Variant(name, "dsc", ffn=selection, match_active={}))
         # the issue's pairing: flat at the paper's M=1523 (more active router weights than the
         # study's solved M) and product keys at 65,536 with as many active parameters
         flat_1523 = {"num_bases": paper.DSC_NUM_BASES}
-        pk = {"router": "product_key", "num_bases": PRODUCT_KEY_BASES[-1]}
         out.append(Variant(f"dsc_flat{paper.DSC_NUM_BASES}", "dsc", ffn=flat_1523))
         name = f"dsc_pk{PRODUCT_KEY_BASES[-1]}_as_flat{paper.DSC_NUM_BASES}"
         out.append(Variant(name, "dsc", ffn=pk, match_active=flat_1523))
