@@ -151,6 +151,7 @@ def run_benchmark(
     compile_s: dict[str, dict[str, float]] = {}
     gemm_cols: dict[str, int] = {}
     gemm_runners: dict[int, dict[str, Callable[[], Any]]] = {}  # compiled once per width
+    layer_params: dict[str, Any] = {}  # each layer's parameters, reused by its parts
     gemm_fwd, gemm_fwd_bwd = gemm_functions()
     for name in names:
         impl = impls[name]
@@ -159,6 +160,7 @@ def run_benchmark(
             jax.jit(impl.module.init), {"params": key_init}, x, options=options
         )
         params = jax.device_put(nn.unbox(init()["params"]), device)
+        layer_params[name] = params
         fwd, fwd_bwd = layer_functions(impl.module, with_losses)
         runners[(name, "fwd")], t_fwd = compile_runner(fwd, params, x, key_rng, options=options)
         runners[(name, "fwd_bwd")], t_bwd = compile_runner(
@@ -187,14 +189,9 @@ def run_benchmark(
         if name not in names:
             continue
         log(f"compiling the parts of {name} ...")
-        impl = impls[name]
-        init, _ = compile_runner(
-            jax.jit(impl.module.init), {"params": key_init}, x, options=options
-        )
-        impl_params = nn.unbox(init()["params"])
         breakdown_parts[name] = []
         for part, (fwd, fwd_bwd, args, bwd_args) in build_parts(
-            impl.module, impl_params, x, key_rng
+            impls[name].module, layer_params[name], x, key_rng
         ).items():
             timer = f"part:{name}:{part}"
             runners[(timer, "fwd")] = compile_runner(fwd, *args, options=options)[0]

@@ -44,18 +44,17 @@ def parts(layer: moe.MoELayer, params: dict, x: jax.Array, key: jax.Array) -> di
     w_out = params["expert_out"].astype(layer.dtype)
     num_experts = w_in.shape[0]
 
+    def route(tokens: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The layer's router: ``(gates [N, k], indices [N, k])``."""
+        normed = router_layer_norm(layer.param_dtype).apply({"params": norm}, tokens)
+        probs = jax.nn.softmax(normed @ kernel.astype(jnp.float32), axis=-1)
+        return jax.lax.top_k(probs, top_k)
+
     def router(tokens: jax.Array, kernel: jax.Array) -> jax.Array:
-        normed = router_layer_norm(layer.param_dtype).apply({"params": norm}, tokens)
-        probs = jax.nn.softmax(normed @ kernel.astype(jnp.float32), axis=-1)
-        return jax.lax.top_k(probs, top_k)[0]
+        return route(tokens, kernel)[0]  # the gates carry the router's gradient
 
-    def route_indices(tokens: jax.Array) -> jax.Array:  # the layer's routing of ``x``
-        normed = router_layer_norm(layer.param_dtype).apply({"params": norm}, tokens)
-        probs = jax.nn.softmax(normed @ kernel.astype(jnp.float32), axis=-1)
-        return jax.lax.top_k(probs, top_k)[1].astype(jnp.int32)
-
-    indices = jax.jit(route_indices)(tokens)
-    gates = jax.random.uniform(key, (num_tokens, top_k), jnp.float32)
+    gates, indices = jax.jit(route)(tokens, kernel)
+    indices = indices.astype(jnp.int32)
     dest, tile_expert = jax.jit(lambda i: moe.sorted_tile_plan(i, num_experts, tile))(indices)
     rows = tile_expert.shape[0] * tile
 

@@ -260,14 +260,9 @@ class DSCLayer(nn.Module):
                 aux = dsc_router.aux_loss(routing.clipped_logits)
                 z = common.z_loss(logits)
             else:
-                if self.product_key_aux == "selection":
-                    aux = dsc_product_key.product_key_selection_aux_loss(
-                        *logits, routing.indices, self.tau
-                    )
-                elif self.product_key_aux == "joint":
-                    aux = dsc_product_key.product_key_joint_aux_loss(*logits, self.tau)
-                else:
-                    aux = dsc_product_key.product_key_aux_loss(*logits, self.tau)
+                aux = dsc_product_key.product_key_balance_loss(
+                    self.product_key_aux, *logits, routing.indices, self.tau
+                )
                 z = dsc_product_key.product_key_z_loss(*logits)
             self.sow("losses", "aux", aux)
             self.sow("losses", "budget", dsc_router.budget_loss(routing.signal, self.budget_target))

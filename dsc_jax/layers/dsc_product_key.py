@@ -150,33 +150,43 @@ def product_key_aux_loss(scores_1: jax.Array, scores_2: jax.Array, tau: float) -
     return total / 2
 
 
-def product_key_joint_aux_loss(scores_1: jax.Array, scores_2: jax.Array, tau: float) -> jax.Array:
-    """``M Σ_j P_j²`` with ``P = mean_tokens softmax(clip(s₁) ⊕ clip(s₂))``, as ``[n₁, n₂]``
-    ``= p₁ᵀ p₂ / N`` (``scores_h: [..., n_h]``)."""
-    probs = [
-        jax.nn.softmax(jnp.clip(s.astype(jnp.float32), -tau, tau), axis=-1)
+def _mean_atom_probs(scores_1: jax.Array, scores_2: jax.Array, tau: float) -> jax.Array:
+    """``P = mean_tokens softmax(clip(s₁) ⊕ clip(s₂)) = p₁ᵀ p₂ / N`` as ``[n₁, n₂]`` (one
+    matmul, no ``[N, M]`` array; ``scores_h: [..., n_h]``)."""
+    probs_1, probs_2 = (
+        jax.nn.softmax(jnp.clip(s.astype(jnp.float32), -tau, tau), axis=-1).reshape(-1, s.shape[-1])
         for s in (scores_1, scores_2)
-    ]
-    probs_1 = probs[0].reshape(-1, probs[0].shape[-1])
-    probs_2 = probs[1].reshape(-1, probs[1].shape[-1])
-    mean_probs = probs_1.T @ probs_2 / probs_1.shape[0]  # [n₁, n₂]
+    )
+    return probs_1.T @ probs_2 / probs_1.shape[0]
+
+
+def product_key_joint_aux_loss(scores_1: jax.Array, scores_2: jax.Array, tau: float) -> jax.Array:
+    """``M Σ_j P_j²`` with ``P`` the mean atom probabilities (:func:`_mean_atom_probs`)."""
+    mean_probs = _mean_atom_probs(scores_1, scores_2, tau)
     return mean_probs.size * jnp.sum(jnp.square(mean_probs))
 
 
 def product_key_selection_aux_loss(
     scores_1: jax.Array, scores_2: jax.Array, indices: jax.Array, tau: float
 ) -> jax.Array:
-    """Switch-style ``M Σ_j f_j P_j``: ``f_j`` the fraction of the top-K picks that chose atom
-    ``j`` (no gradient), ``P = p₁ᵀ p₂ / N`` the mean atom probabilities; 1 at uniform picks."""
-    probs = [
-        jax.nn.softmax(jnp.clip(s.astype(jnp.float32), -tau, tau), axis=-1)
-        for s in (scores_1, scores_2)
-    ]
-    probs_1 = probs[0].reshape(-1, probs[0].shape[-1])
-    probs_2 = probs[1].reshape(-1, probs[1].shape[-1])
-    mean_probs = (probs_1.T @ probs_2 / probs_1.shape[0]).reshape(-1)  # [M]
+    """Switch-style ``M Σ_j f_j P_j``: ``f_j`` the fraction of the top-K picks ``indices
+    [..., K]`` that chose atom ``j`` (no gradient), ``P`` the mean atom probabilities; 1 at
+    uniform picks."""
+    mean_probs = _mean_atom_probs(scores_1, scores_2, tau).reshape(-1)  # [M]
     picked = jnp.take(mean_probs, jax.lax.stop_gradient(indices).reshape(-1))
     return mean_probs.size * jnp.mean(picked)
+
+
+def product_key_balance_loss(
+    kind: str, scores_1: jax.Array, scores_2: jax.Array, indices: jax.Array, tau: float
+) -> jax.Array:
+    """The ``DSCLayer.product_key_aux`` load-balancing loss: ``"marginal"``
+    (:func:`product_key_aux_loss`), ``"joint"`` or ``"selection"``."""
+    if kind == "selection":
+        return product_key_selection_aux_loss(scores_1, scores_2, indices, tau)
+    if kind == "joint":
+        return product_key_joint_aux_loss(scores_1, scores_2, tau)
+    return product_key_aux_loss(scores_1, scores_2, tau)
 
 
 def product_key_z_loss(scores_1: jax.Array, scores_2: jax.Array) -> jax.Array:
