@@ -1,9 +1,13 @@
-"""Helpers for the trainer tests: config files from configs/, metric comparison."""
+"""Helpers for the trainer tests: config files from configs/, metric comparison, trainer
+processes."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import pathlib
+import subprocess
 
 import ml_collections
 
@@ -32,3 +36,20 @@ def assert_same_metrics(got: list[dict], want: list[dict]) -> None:
     for a, b in zip(got, want, strict=True):
         diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
         assert not diff, f"step {a['step']}: {diff}"
+
+
+def start_process(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``cmd`` run from the repository root, stdout and stderr together as text."""
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def last_step(workdir: str) -> int:
+    """The last step in ``workdir/metrics.jsonl`` (0 when absent, empty or mid-write)."""
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0

@@ -31,7 +31,13 @@ from dsc_jax.train.checkpointing import CheckpointWriteError, UnreadableCheckpoi
 from dsc_jax.train.metrics import MetricsWriter, read_metrics
 from dsc_jax.train.trainer import NonFiniteStateError, train_and_evaluate
 from dsc_jax.train.workdir import WorkdirLock, WorkdirLockedError
-from tests._train_utils import REPO, assert_same_metrics, load_config
+from tests._train_utils import (
+    REPO,
+    assert_same_metrics,
+    last_step,
+    load_config,
+    start_process,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compiles")]
 
@@ -93,15 +99,6 @@ def train_cmd(workdir: str, steps_: int, cache: str, *extra: str) -> list[str]:
         f"--config.compilation_cache_dir={cache}",
         *extra,
     ]
-
-
-def last_step(workdir: str) -> int:
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            lines = [line for line in f if line.strip()]
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (FileNotFoundError, json.JSONDecodeError, IndexError):
-        return 0
 
 
 def wait_for_step(proc: subprocess.Popen, workdir: str, step: int, timeout: float = 240) -> None:
@@ -234,13 +231,8 @@ def test_second_run_on_a_workdir_exits_at_once_and_kill9_frees_the_lock(tmp_path
 # seconds; the last good checkpoint is kept.
 def test_unwritable_checkpoint_dir_mid_run_exits_within_seconds(tmp_path, cache_dir):
     workdir = str(tmp_path / "run")
-    proc = subprocess.Popen(
-        train_cmd(workdir, DECAY, cache_dir, "--config.checkpoint_every_steps=1"),
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_process(
+        train_cmd(workdir, DECAY, cache_dir, "--config.checkpoint_every_steps=1"), env()
     )
     try:
         wait_for_step(proc, workdir, 3)
@@ -346,9 +338,7 @@ def test_second_ctrl_c_stops_at_once_even_when_blocked(tmp_path, cache_dir):
     script.write_text(textwrap.dedent(SLOW_STEP))
     cmd = train_cmd(workdir, DECAY, cache_dir, "--config.checkpoint_every_steps=0")
     cmd[1] = str(script)
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc = start_process(cmd, env())
     try:
         wait_for_step(proc, workdir, 3)
         time.sleep(1.0)  # now blocked inside step 4
@@ -379,14 +369,7 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path, cache_dir):
     chooser = random.Random(1234)
     flags = ("--config.checkpoint_every_steps=1", "--config.async_checkpointing=True")
     for _ in range(3):
-        proc = subprocess.Popen(
-            train_cmd(workdir, total, cache_dir, *flags),
-            cwd=REPO,
-            env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = start_process(train_cmd(workdir, total, cache_dir, *flags), env())
         try:
             wait_for_step(proc, workdir, last_step(workdir) + chooser.randint(1, 3))
             time.sleep(chooser.uniform(0.0, 0.05))

@@ -4,7 +4,6 @@ uninterrupted run's. Also: bad flags and configs fail with one clear line, no tr
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,13 @@ import pytest
 
 from dsc_jax.train.metrics import read_metrics
 from dsc_jax.train.trainer import train_and_evaluate
-from tests._train_utils import REPO, assert_same_metrics, load_config
+from tests._train_utils import (
+    REPO,
+    assert_same_metrics,
+    last_step,
+    load_config,
+    start_process,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -46,25 +51,9 @@ def env() -> dict[str, str]:
     return dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
 
 
-def last_step(workdir: str) -> int:
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            lines = [line for line in f if line.strip()]
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-
-
 def test_sigterm_saves_then_resume_matches_uninterrupted(tmp_path):
     workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
-    proc = subprocess.Popen(
-        train_cmd(workdir, DECAY, cache),
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_process(train_cmd(workdir, DECAY, cache), env())
     try:
         deadline = time.time() + 240
         while last_step(workdir) < 3 and proc.poll() is None and time.time() < deadline:
