@@ -1,20 +1,30 @@
-"""The unit-sphere bank (spec §4): row retraction, tangent projection and an optax transform.
+"""The bank on its sphere (the paper's projected-gradient normalisation): row retraction,
+tangent projection and an optax transform.
 
 Every DSC bank parameter (a leaf named ``basis_u`` or ``basis_v``, shape ``[M, d]``) keeps
-unit rows when the optimiser is chained with :func:`bank_retraction`::
+its rows at norm ``bank_radius`` when the optimiser is chained with :func:`bank_retraction`::
 
     tx = optax.chain(optax.adamw(3e-4), dsc_jax.bank_retraction())
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)   # bank rows are unit again
+    params = optax.apply_updates(params, updates)   # bank rows are back at norm r
 
 ``projection``:
 
-* ``"retract"`` (default): after the optimiser's update, ``û ← û / max(ε, ‖û‖)`` row-wise;
+* ``"retract"`` (default): after the optimiser's update, ``û ← r · û / max(ε, ‖û‖)``
+  row-wise;
 * ``"tangent"``: the update ``Δ`` of each row is first projected onto the sphere's tangent
-  space at the current unit row ``u``, ``Δ ← Δ − (Δ·u) u`` (this removes the radial part,
-  including decoupled weight decay), then the retraction;
+  space at the current row direction ``u``, ``Δ ← Δ − (Δ·u) u`` (this removes the radial
+  part, including decoupled weight decay), then the retraction;
 * ``"none"``: the updates pass through; rows drift off the sphere (the layer's forward pass
-  still normalises them).
+  still normalises them). The reference code's bank.
+
+Why a radius. The layer normalises the rows in its forward pass, so ``r`` changes nothing
+the model computes; it sets the atoms' angular learning rate. The gradient of a raw row
+is ``(I − u uᵀ) g / r``; Adam divides by its running scale, so every raw coordinate moves
+by about the learning rate whatever ``r`` is, and the direction ``u`` turns by about
+``lr·√d / r`` radians per step. Rows held at ``r = 1`` turn 50× slower than rows at the
+reference code's 0.02. :data:`dsc_jax.layers.dsc.DEFAULT_BANK_RADIUS` is the default of the
+layer and of this transform; pass the layer's ``bank_radius`` here when you change it.
 
 ``optax.projections.projection_l2_sphere`` projects a whole pytree onto one sphere and
 divides by a zero norm; the bank needs each row on its own sphere with the spec's
@@ -31,7 +41,8 @@ import jax.numpy as jnp
 import optax
 
 from dsc_jax import paper
-from dsc_jax._checks import check_choice
+from dsc_jax._checks import check_choice, check_positive_float
+from dsc_jax.layers.dsc import DEFAULT_BANK_RADIUS
 from dsc_jax.layers.dsc_router import normalize_rows
 from dsc_jax.param_groups import BANK_PARAM_NAMES, is_bank_path
 
@@ -40,6 +51,7 @@ BANK_EPS = paper.EPS
 
 __all__ = [
     "BANK_EPS",
+    "DEFAULT_BANK_RADIUS",
     "BANK_PARAM_NAMES",
     "BANK_PROJECTIONS",
     "bank_retraction",
@@ -49,11 +61,19 @@ __all__ = [
 ]
 
 
-def retract_bank(params: Any, eps: float = BANK_EPS) -> Any:
-    """Every bank leaf ``[M, d]`` with rows scaled to unit norm (math in float32); other
-    leaves unchanged. Works on boxed (``nn.Partitioned``) trees."""
+def _on_sphere(rows: jax.Array, bank_radius: float, eps: float) -> jax.Array:
+    """``r · b_j / max(ε, ‖b_j‖)`` row-wise in float32, in ``rows``' dtype."""
+    return (bank_radius * normalize_rows(rows.astype(jnp.float32), eps)).astype(rows.dtype)
+
+
+def retract_bank(
+    params: Any, eps: float = BANK_EPS, *, bank_radius: float = DEFAULT_BANK_RADIUS
+) -> Any:
+    """Every bank leaf ``[M, d]`` with rows scaled to norm ``bank_radius`` (math in float32);
+    other leaves unchanged. Works on boxed (``nn.Partitioned``) trees."""
+    check_positive_float("retract_bank", "bank_radius", bank_radius)
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: normalize_rows(p, eps) if is_bank_path(path) else p, params
+        lambda path, p: _on_sphere(p, bank_radius, eps) if is_bank_path(path) else p, params
     )
 
 
@@ -77,21 +97,27 @@ class BankRetractionState(NamedTuple):
 
 
 def bank_retraction(
-    projection: str = "retract", eps: float = BANK_EPS
+    projection: str = "retract",
+    eps: float = BANK_EPS,
+    *,
+    bank_radius: float = DEFAULT_BANK_RADIUS,
 ) -> optax.GradientTransformation:
     """An ``optax.GradientTransformation`` that, chained after an optimiser, makes
-    ``optax.apply_updates`` leave every bank row on the unit sphere.
+    ``optax.apply_updates`` leave every bank row on the sphere of radius ``bank_radius``.
 
     Args:
       projection: ``"retract"``, ``"tangent"`` or ``"none"`` (module docstring).
       eps: the ``ε`` of ``max(ε, ‖û‖)``.
+      bank_radius: the rows' norm ``r``; use the layer's ``bank_radius`` (the module
+        docstring says why it sets the atoms' learning rate).
 
     Returns:
       A transformation whose ``update(updates, state, params)`` needs ``params``. A bank
       leaf's update becomes ``retract(params + Δ) − params`` in float32 (kept float32, so
-      bfloat16 parameters land on the rounded unit row, not on a twice-rounded one).
+      bfloat16 parameters land on the rounded row, not on a twice-rounded one).
     """
     check_choice("bank_retraction", "projection", projection, BANK_PROJECTIONS)
+    check_positive_float("bank_retraction", "bank_radius", bank_radius)
 
     def init_fn(params: Any) -> BankRetractionState:
         del params
@@ -113,7 +139,7 @@ def bank_retraction(
             if not is_bank_path(path):
                 return update
             param32 = param.astype(jnp.float32)
-            return normalize_rows(param32 + update.astype(jnp.float32), eps) - param32
+            return _on_sphere(param32 + update.astype(jnp.float32), bank_radius, eps) - param32
 
         return jax.tree_util.tree_map_with_path(retract, updates, params), state
 

@@ -14,6 +14,9 @@ INIT_STD = 0.02
 LAYER_NORM_EPS = 1e-5
 #: Initial value of the DSC channel scale γ.
 GAMMA_INIT = 0.1
+#: The reference code's raw bank: ``0.02 × orthogonal``, normalised in the forward pass only
+#: (never re-projected), in the weight-decay group.
+REFERENCE_BANK_INIT_SCALE = 0.02
 
 # --- DSC routing (spec §2, §3) --------------------------------------------------------------
 #: Logit clip τ.

@@ -306,12 +306,13 @@ def test_spec_choice_options():
     """Each place where the spec and the reference code differ is an option whose default is
     the spec's (README "Choices")."""
     x = tokens_like()
-    # Bank init scale: raw rows are bank_init_scale × orthogonal (reference: 0.02).
-    ref = FFNS["dsc"].replace(bank_init_scale=0.02).make()
-    unit = FFNS["dsc"].make()
+    # Bank radius: raw rows are bank_radius × the same directions (reference: 0.02).
+    ref = FFNS["dsc"].replace(bank_radius=0.02).make()
+    unit = FFNS["dsc"].replace(bank_radius=1.0).make()
     small = nn.unbox(ref.init(jax.random.key(0), x)["params"])["basis_u"]
     full = nn.unbox(unit.init(jax.random.key(0), x)["params"])["basis_u"]
     np.testing.assert_allclose(small, 0.02 * full, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(full, axis=-1), 1.0, rtol=1e-5)
     # The function is the same: the forward pass normalises the rows.
     params = nn.unbox(unit.init(jax.random.key(0), x)["params"])
     y_unit = unit.apply({"params": params}, x)

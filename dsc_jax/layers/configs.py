@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from dsc_jax import paper
 from dsc_jax.layers.dense import DenseFFN
-from dsc_jax.layers.dsc import DSCLayer
+from dsc_jax.layers.dsc import DEFAULT_BANK_RADIUS, DSCLayer
 from dsc_jax.layers.moe import MoELayer
 from dsc_jax.layers.molora import MoLoRALayer
 
@@ -136,7 +136,8 @@ class DSCConfig(_FFNConfig):
     eps: float = paper.EPS
     gamma_init: float = paper.GAMMA_INIT
     budget_target: float = paper.BUDGET_TARGET
-    bank_init_scale: float = 1.0
+    bank_radius: float = DEFAULT_BANK_RADIUS
+    bank_init: str = "sphere"
     out_init_std: float | None = paper.INIT_STD
 
 

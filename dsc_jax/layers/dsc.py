@@ -20,6 +20,16 @@ VARIANTS = ("refined", "basic")
 ROUTERS = ("flat", "product_key")
 PRODUCT_KEY_AUX = ("marginal", "joint", "selection")
 COMPUTE_MODES = ("auto", "gather", "dense")
+BANK_INITS = ("sphere", "orthogonal")
+
+#: Default radius of the raw bank rows. The forward pass normalises every row, so the raw
+#: norm ``r`` changes nothing the layer computes, but it sets how fast an atom turns: Adam
+#: moves each raw coordinate by about the learning rate whatever the gradient's scale, so
+#: an atom turns by about ``lr·√d / r`` radians per step. The reference code's raw rows
+#: start at 0.02 and its atoms turn ~50× faster than unit rows; the bank retraction
+#: (:func:`dsc_jax.bank_retraction`) keeps the rows at this radius after every update.
+#: Chosen by measurement (README, "How fast the bank learns").
+DEFAULT_BANK_RADIUS = paper.REFERENCE_BANK_INIT_SCALE
 
 # "auto" picks "dense" (two [N,d]x[d,M] matmuls over every atom) when the bank is at most this
 # many times larger than K; otherwise "gather" (fetch the K selected rows of U and V per token,
@@ -36,6 +46,22 @@ def resolve_compute(compute: str, num_bases: int, top_k: int) -> str:
     if compute != "auto":
         return compute
     return "dense" if num_bases <= AUTO_DENSE_MAX_BASES_PER_ACTIVE * top_k else "gather"
+
+
+def bank_initializer(kind: str, radius: float, eps: float = paper.EPS) -> common.Initializer:
+    """Initialiser of a raw bank ``[M, d]`` (logical axes ``("bases", "embed")``): ``kind``
+    ``"sphere"`` (orthogonal directions, each row at norm ``radius``) or ``"orthogonal"``
+    (``radius ×`` orthogonal; rows shorter than ``radius`` when ``M > d``)."""
+    _checks.check_choice("bank_initializer", "kind", kind, BANK_INITS)
+    if kind == "orthogonal":
+        return common.orthogonal(radius, ("bases", "embed"))
+    directions = nn.initializers.orthogonal(1.0)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        rows = dsc_router.normalize_rows(directions(key, shape, jnp.float32), eps)
+        return radius * rows
+
+    return common.logical(common.float32_init(init), ("bases", "embed"))
 
 
 class DSCLayer(nn.Module):
@@ -58,9 +84,14 @@ class DSCLayer(nn.Module):
       eps: ``ε`` of the coefficient normalisation and the bank-row normalisation.
       gamma_init: initial value of γ.
       budget_target: ``μ`` of the budget regulariser.
-      bank_init_scale: the raw bank rows start as ``bank_init_scale × orthogonal``. The
-        trainer's bank projection makes them unit at step 0 anyway; the reference code uses
-        0.02 and never re-projects (reproduce it with ``bank_projection="none"``).
+      bank_radius: ``r``, the norm of the raw bank rows ``û_j``, ``v̂_j`` (the forward pass
+        normalises them, so ``r`` only sets the atoms' angular learning rate; see
+        :data:`DEFAULT_BANK_RADIUS`). Chain the optimiser with
+        ``dsc_jax.bank_retraction(bank_radius=r)`` to keep the rows there.
+      bank_init: ``"sphere"`` (orthogonal directions, every row scaled to norm ``r``) or
+        ``"orthogonal"`` (``r ×`` an orthogonal ``[M, d]`` matrix, the reference code's init:
+        for ``M > d`` its rows have norms below ``r``). The reference code's bank is
+        ``bank_radius=0.02, bank_init="orthogonal"`` with ``bank_projection="none"``.
       compute: ``"gather"``, ``"dense"`` or ``"auto"`` (see :func:`resolve_compute`).
       router: ``"flat"`` (one ``[d, M]`` router) or ``"product_key"`` (two sub-key tables of
         ``n₁ × n₂ = M`` keys over the two halves of the router input, exact two-stage top-K;
@@ -101,7 +132,8 @@ class DSCLayer(nn.Module):
     eps: float = paper.EPS
     gamma_init: float = paper.GAMMA_INIT
     budget_target: float = paper.BUDGET_TARGET
-    bank_init_scale: float = 1.0
+    bank_radius: float = DEFAULT_BANK_RADIUS
+    bank_init: str = "sphere"
     compute: str = "auto"
     router: str = "flat"
     product_key_rows: int = 0
@@ -133,7 +165,8 @@ class DSCLayer(nn.Module):
         _checks.check_positive_float(name, "tau", self.tau)
         _checks.check_positive_float(name, "eps", self.eps)
         _checks.check_positive_float(name, "budget_target", self.budget_target, allow_zero=True)
-        _checks.check_positive_float(name, "bank_init_scale", self.bank_init_scale)
+        _checks.check_positive_float(name, "bank_radius", self.bank_radius)
+        _checks.check_choice(name, "bank_init", self.bank_init, BANK_INITS)
         super().__post_init__()
 
     @nn.compact
@@ -221,7 +254,7 @@ class DSCLayer(nn.Module):
         router's raw ``[N, M]`` logits, or the product-key router's two score tables."""
 
         # Bank, normalised in the forward pass too (imported banks stay valid).
-        bank_init = common.orthogonal(self.bank_init_scale, ("bases", "embed"))
+        bank_init = bank_initializer(self.bank_init, self.bank_radius, self.eps)
         bank_shape = (self.num_bases, d_model)
         basis_u = self.param("basis_u", bank_init, bank_shape, self.param_dtype)
         basis_v = self.param("basis_v", bank_init, bank_shape, self.param_dtype)

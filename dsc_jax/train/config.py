@@ -89,8 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     # Router learning rate = this × the base learning rate, at every step (paper: 5).
     c.router_lr_multiplier = paper.ROUTER_LR_MULTIPLIER
-    # DSC bank after each update: "retract" (unit rows), "tangent" (tangent-space update
-    # then retract) or "none" (spec §4).
+    # DSC bank after each update: "retract" (rows back at norm model.dsc.bank_radius),
+    # "tangent" (tangent-space update, then retract) or "none" (rows drift; the reference
+    # code's bank). The radius sets how fast the atoms turn (README: the bank's speed).
     c.bank_projection = "retract"
     # JAX persistent compilation cache folder ("": off). Speeds up restarts and resumes.
     c.compilation_cache_dir = ""
@@ -126,6 +127,16 @@ def _check_unit_interval(owner: str, field: str, value: Any) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
     if not ok:
         raise ValueError(f"{owner}.{field}={value!r} is invalid; expected 0 <= value < 1.")
+
+
+def bank_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The train state's bank arguments of a run: ``bank_projection`` and ``bank_radius``
+    (the radius is the DSC layer's ``model.dsc.bank_radius``, one setting for the layer's
+    init and the retraction; unused by models without a bank)."""
+    return {
+        "bank_projection": config.bank_projection,
+        "bank_radius": config.model.dsc.bank_radius,
+    }
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> GPTConfig:

@@ -1,10 +1,11 @@
-"""Train state whose optimiser keeps the DSC bank on the unit sphere (spec §4), created sharded.
+"""Train state whose optimiser keeps the DSC bank on its sphere, created sharded.
 
 :meth:`TrainState.create` chains :func:`dsc_jax.bank_retraction` (``bank_projection``:
-``"retract"``, ``"tangent"`` or ``"none"``; see :mod:`dsc_jax.bank`) after the optimiser, so
-``apply_gradients`` (flax's own) leaves every bank row unit. With a projection it also
-normalises the initial bank rows, so ``‖û_j‖ = 1`` holds at every step (the DSC layer's
-forward normalisation makes this a no-op on the function the model computes).
+``"retract"``, ``"tangent"`` or ``"none"``, and ``bank_radius``; see :mod:`dsc_jax.bank`)
+after the optimiser, so ``apply_gradients`` (flax's own) leaves every bank row at norm
+``bank_radius``. With a projection it also puts the initial bank rows there, so
+``‖û_j‖ = r`` holds at every step (the DSC layer's forward normalisation makes this a no-op
+on the function the model computes; ``r`` sets the atoms' learning speed).
 """
 
 from __future__ import annotations
@@ -22,18 +23,18 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from dsc_jax._checks import check_choice
-from dsc_jax.bank import BANK_PROJECTIONS, bank_retraction, retract_bank
+from dsc_jax.bank import BANK_PROJECTIONS, DEFAULT_BANK_RADIUS, bank_retraction, retract_bank
 from dsc_jax.sharding import LOGICAL_AXIS_RULES, Rules, logical_to_shardings
 
 
 @functools.lru_cache(maxsize=32)
 def with_bank_projection(
-    tx: optax.GradientTransformation, bank_projection: str
+    tx: optax.GradientTransformation, bank_projection: str, bank_radius: float
 ) -> optax.GradientTransformation:
-    """``optax.chain(tx, bank_retraction(bank_projection))``, the same object for the same
-    arguments (a train state's ``tx`` is static jit metadata: the abstract state and the real
-    one must carry the identical transformation)."""
-    return optax.chain(tx, bank_retraction(bank_projection))
+    """``optax.chain(tx, bank_retraction(bank_projection, bank_radius=r))``, the same object
+    for the same arguments (a train state's ``tx`` is static jit metadata: the abstract state
+    and the real one must carry the identical transformation)."""
+    return optax.chain(tx, bank_retraction(bank_projection, bank_radius=bank_radius))
 
 
 class TrainState(train_state.TrainState):
@@ -41,6 +42,7 @@ class TrainState(train_state.TrainState):
     ends with :func:`dsc_jax.bank_retraction`."""
 
     bank_projection: str = struct.field(pytree_node=False, default="retract")
+    bank_radius: float = struct.field(pytree_node=False, default=DEFAULT_BANK_RADIUS)
 
     @classmethod
     def create(
@@ -50,14 +52,16 @@ class TrainState(train_state.TrainState):
         params: Any,
         tx: optax.GradientTransformation,
         bank_projection: str = "retract",
+        bank_radius: float = DEFAULT_BANK_RADIUS,
         **kwargs: Any,
     ) -> TrainState:
         """New state at step 0 with ``tx`` chained with the bank projection (``params``
-        may be boxed; bank rows normalised unless ``bank_projection == "none"``)."""
+        may be boxed; bank rows put at norm ``bank_radius`` unless ``bank_projection ==
+        "none"``)."""
         check_choice("config", "bank_projection", bank_projection, BANK_PROJECTIONS)
-        if bank_projection != "none":
-            params = retract_bank(params)  # boxes (nn.Partitioned) are kept
-        tx = with_bank_projection(tx, bank_projection)
+        if bank_projection != "none":  # boxes (nn.Partitioned) are kept
+            params = retract_bank(params, bank_radius=bank_radius)
+        tx = with_bank_projection(tx, bank_projection, bank_radius)
         return cls(
             step=jnp.zeros((), jnp.int32),
             apply_fn=apply_fn,
@@ -65,6 +69,7 @@ class TrainState(train_state.TrainState):
             tx=tx,
             opt_state=tx.init(params),
             bank_projection=bank_projection,
+            bank_radius=bank_radius,
             **kwargs,
         )
 
@@ -74,6 +79,7 @@ def _init_fn(
     tx: optax.GradientTransformation,
     example_tokens: jax.ShapeDtypeStruct,
     bank_projection: str,
+    bank_radius: float,
 ) -> Callable[[jax.Array], TrainState]:
     """``rng -> TrainState`` with boxed (``nn.Partitioned``) params and optimiser moments."""
 
@@ -81,7 +87,11 @@ def _init_fn(
         tokens = jnp.zeros(example_tokens.shape, example_tokens.dtype)
         params = model.init({"params": rng}, tokens)["params"]
         return TrainState.create(
-            apply_fn=model.apply, params=params, tx=tx, bank_projection=bank_projection
+            apply_fn=model.apply,
+            params=params,
+            tx=tx,
+            bank_projection=bank_projection,
+            bank_radius=bank_radius,
         )
 
     return init_fn
@@ -95,6 +105,7 @@ def abstract_train_state(
     mesh: Mesh,
     *,
     bank_projection: str = "retract",
+    bank_radius: float = DEFAULT_BANK_RADIUS,
     rules: Rules = LOGICAL_AXIS_RULES,
 ) -> tuple[TrainState, TrainState]:
     """Shapes and shardings of the train state, without computing it.
@@ -109,7 +120,7 @@ def abstract_train_state(
       init_rng: parameter-init key.
       example_tokens: ``[B, T]`` int32 shape of a model input (no data needed).
       mesh: device mesh.
-      bank_projection: see the module docstring.
+      bank_projection, bank_radius: see the module docstring.
       rules: logical-axis rules.
 
     Returns:
@@ -117,7 +128,7 @@ def abstract_train_state(
       leaves carrying their sharding (a restore target), and the same tree of
       ``NamedSharding`` (for ``jit`` in/out shardings).
     """
-    boxed = jax.eval_shape(_init_fn(model, tx, example_tokens, bank_projection), init_rng)
+    boxed = jax.eval_shape(_init_fn(model, tx, example_tokens, bank_projection, bank_radius), init_rng)
     shardings = logical_to_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -135,10 +146,11 @@ def init_train_state(
     shardings: TrainState,
     *,
     bank_projection: str = "retract",
+    bank_radius: float = DEFAULT_BANK_RADIUS,
 ) -> TrainState:
     """Initialise the state directly in its sharded layout (jitted init with
     ``out_shardings``: each device computes its shards only)."""
-    init_fn = _init_fn(model, tx, example_tokens, bank_projection)
+    init_fn = _init_fn(model, tx, example_tokens, bank_projection, bank_radius)
     return jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(init_rng)
 
 
@@ -150,6 +162,7 @@ def create_train_state(
     mesh: Mesh,
     *,
     bank_projection: str = "retract",
+    bank_radius: float = DEFAULT_BANK_RADIUS,
     rules: Rules = LOGICAL_AXIS_RULES,
 ) -> tuple[TrainState, TrainState]:
     """:func:`abstract_train_state` then :func:`init_train_state`.
@@ -157,10 +170,9 @@ def create_train_state(
     Returns:
       ``(state, shardings)``: the unboxed :class:`TrainState` and its ``NamedSharding`` tree.
     """
+    bank = dict(bank_projection=bank_projection, bank_radius=bank_radius)
     _, shardings = abstract_train_state(
-        model, tx, init_rng, example_tokens, mesh, bank_projection=bank_projection, rules=rules
+        model, tx, init_rng, example_tokens, mesh, rules=rules, **bank
     )
-    state = init_train_state(
-        model, tx, init_rng, example_tokens, shardings, bank_projection=bank_projection
-    )
+    state = init_train_state(model, tx, init_rng, example_tokens, shardings, **bank)
     return state, shardings

@@ -321,7 +321,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     micro_rows = config.batch_size // config.micro_batches
     example = jax.ShapeDtypeStruct((micro_rows, config.seq_len), jnp.int32)
     abstract_state, state_shardings = abstract_train_state(
-        model, tx, init_rng, example, mesh, bank_projection=config.bank_projection, rules=rules
+        model, tx, init_rng, example, mesh, rules=rules, **config_lib.bank_settings(config)
     )
     return Run(
         config=config,
@@ -372,7 +372,7 @@ def restore_or_start(run: Run, checkpointer: Checkpointer) -> tuple[TrainState, 
             run.init_rng,
             run.example,
             run.state_shardings,
-            bank_projection=run.config.bank_projection,
+            **config_lib.bank_settings(run.config),
         )
         # One global array on every process (device_put cannot target other processes'
         # devices; a jit output with a replicated sharding can).
