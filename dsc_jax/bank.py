@@ -51,9 +51,9 @@ BANK_EPS = paper.EPS
 
 __all__ = [
     "BANK_EPS",
-    "DEFAULT_BANK_RADIUS",
     "BANK_PARAM_NAMES",
     "BANK_PROJECTIONS",
+    "DEFAULT_BANK_RADIUS",
     "bank_retraction",
     "is_bank_path",
     "retract_bank",

@@ -151,7 +151,7 @@ def test_optax_transform_needs_params_and_a_known_projection():
         tx.update(toy_params(), tx.init(toy_params()))
     with pytest.raises(ValueError, match="projection='sphere' is not allowed"):
         bank_retraction("sphere")
-    with pytest.raises(ValueError, match="bank_radius=0.0"):
+    with pytest.raises(ValueError, match=r"bank_radius=0\.0"):
         bank_retraction(bank_radius=0.0)
 
 
@@ -170,9 +170,7 @@ def _one_trainer_step(radius: float, bank_init: str, projection: str) -> tuple[d
 
     from dsc_jax import DSCLayer
 
-    layer = DSCLayer(
-        num_bases=16, top_k=4, hidden_dim=8, bank_radius=radius, bank_init=bank_init
-    )
+    layer = DSCLayer(num_bases=16, top_k=4, hidden_dim=8, bank_radius=radius, bank_init=bank_init)
     x = jax.random.normal(jax.random.key(0), (4, 8, 16))
     target = jax.random.normal(jax.random.key(1), (4, 8, 16))
     params = nn.unbox(layer.init(jax.random.key(2), x)["params"])

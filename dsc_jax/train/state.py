@@ -128,7 +128,9 @@ def abstract_train_state(
       leaves carrying their sharding (a restore target), and the same tree of
       ``NamedSharding`` (for ``jit`` in/out shardings).
     """
-    boxed = jax.eval_shape(_init_fn(model, tx, example_tokens, bank_projection, bank_radius), init_rng)
+    boxed = jax.eval_shape(
+        _init_fn(model, tx, example_tokens, bank_projection, bank_radius), init_rng
+    )
     shardings = logical_to_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
