@@ -34,9 +34,20 @@ from dsc_jax.train.workdir import CHECKPOINT_DIR, read_saved_config
 logger = logging.getLogger("dsc_jax.experiments")
 
 DONE_FILE = "done.json"
-ABLATIONS = ("none", "top_k", "regularisers", "variant", "bank_projection", "scale", "router")
+ABLATIONS = (
+    "none",
+    "top_k",
+    "regularisers",
+    "variant",
+    "bank_projection",
+    "bank",
+    "scale",
+    "router",
+)
 TOP_K_VALUES = (2, 4, 8, 16)
 SCALE_FACTORS = (0.5, 1.0, 2.0)
+#: Raw bank-row radii of the ``bank`` axis (the default's first).
+BANK_RADII = (paper.REFERENCE_BANK_INIT_SCALE, 0.05, 0.1, 1.0)
 #: Product-key bank sizes of the ``router`` axis (perfect squares: √M × √M sub-keys).
 PRODUCT_KEY_BASES = (4096, 65536)
 #: The default-setting variant of each ablation axis: the reference its rows are compared to.
@@ -46,6 +57,7 @@ REFERENCE_VARIANTS = (
     "dsc_all",
     "dsc_refined",
     "dsc_retract",
+    "dsc_r0.02",
     "dsc_x1",
     "dsc_flat",
 )
@@ -97,6 +109,17 @@ def ablation_variants(axis: str) -> list[Variant]:
             Variant(f"dsc_{p}", "dsc", {"bank_projection": p})
             for p in ("retract", "tangent", "none")
         ]
+    if axis == "bank":  # how fast the atoms turn: raw-row radius, projection, the reference
+        out = [Variant(f"dsc_r{r:g}", "dsc", ffn={"bank_radius": r}) for r in BANK_RADII]
+        ref = {"bank_radius": paper.REFERENCE_BANK_INIT_SCALE, "bank_init": "orthogonal"}
+        out.append(Variant("dsc_reference_bank", "dsc", {"bank_projection": "none"}, ffn=ref))
+        r = paper.REFERENCE_BANK_INIT_SCALE
+        out.append(
+            Variant(
+                f"dsc_r{r:g}_tangent", "dsc", {"bank_projection": "tangent"}, ffn={"bank_radius": r}
+            )
+        )
+        return out
     if axis == "scale":
         return [Variant(f"dsc_x{s:g}", "dsc", scale=s) for s in SCALE_FACTORS]
     if axis == "router":  # the flat router vs product keys at bigger banks (issue 11)
