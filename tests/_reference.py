@@ -74,6 +74,9 @@ def dsc_reference(
         "delta_w": delta_w,
         "aux": num_bases * np.sum(probs.mean(0) ** 2),
         "budget": max(0.0, 1.0 - signal.mean()) ** 2,
-        "frame": np.sum(gram_u[off] ** 2) + np.sum(gram_v[off] ** 2),
+        # the excess over the Welch bound 2·max(0, M²/d − M) (what the layer sows)
+        "frame": np.sum(gram_u[off] ** 2)
+        + np.sum(gram_v[off] ** 2)
+        - 2 * max(0.0, num_bases**2 / unit_u.shape[1] - num_bases),
         "z": np.mean(lse**2),
     }

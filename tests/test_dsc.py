@@ -121,6 +121,39 @@ def test_frame_identity_matches_gram_form():
     np.testing.assert_allclose(frame_loss(bank_u, bank_v), gram_form, rtol=1e-4)
 
 
+def _harmonic_tight_frame(num_bases: int, d_model: int) -> np.ndarray:
+    """``[M, d]`` unit rows ``√(2/d)·(cos 2πjk/M, sin 2πjk/M)_{k=1..d/2}``: a tight frame
+    (``UᵀU = (M/d)·I``) for ``M > d``, which meets Welch's bound."""
+    j = np.arange(num_bases)[:, None]
+    k = np.arange(1, d_model // 2 + 1)[None, :]
+    angle = 2 * np.pi * j * k / num_bases
+    return np.sqrt(2.0 / d_model) * np.concatenate([np.cos(angle), np.sin(angle)], axis=1)
+
+
+def test_frame_excess_is_zero_at_the_welch_bound():
+    """The sown frame term is the paper's ``L_frame`` less ``2·max(0, M²/d − M)``: 0 for tight
+    frames (here M = 48 unit rows in d = 12, where ``L_frame`` itself is 2·144), > 0 for a
+    random bank, 0 floor for M <= d, and the same gradient as ``L_frame``."""
+    from dsc_jax.layers.dsc_router import frame_excess, frame_floor, frame_loss
+
+    tight = jnp.asarray(_harmonic_tight_frame(48, 12), jnp.float32)
+    np.testing.assert_allclose(np.linalg.norm(tight, axis=-1), 1.0, rtol=1e-6)
+    assert frame_floor(48, 12) == 2 * (48**2 / 12 - 48)
+    np.testing.assert_allclose(frame_loss(tight, tight), frame_floor(48, 12), rtol=1e-5)
+    np.testing.assert_allclose(frame_excess(tight, tight), 0.0, atol=1e-3)
+    assert frame_floor(8, 12) == 0.0
+    rand = normalize_rows_np(np.random.default_rng(0).normal(size=(48, 12)))
+    rand = jnp.asarray(rand, jnp.float32)
+    assert float(frame_excess(rand, rand)) > 10.0
+    g_loss = jax.grad(lambda u: frame_loss(u, rand))(rand)
+    g_excess = jax.grad(lambda u: frame_excess(u, rand))(rand)
+    np.testing.assert_allclose(g_excess, g_loss, rtol=1e-6)
+
+
+def normalize_rows_np(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def test_contraction_and_continuity_at_identity():
     layer = make_layer("refined")
     params = init_params(layer)

@@ -120,7 +120,9 @@ class DSCLayer(nn.Module):
     Sown (never at ``init``): ``intermediates/top_k_indices [..., K]`` int32,
     ``intermediates/gates [..., K]`` (``ẑ``) and ``intermediates/signal [...]`` (``S``),
     float32; ``losses/{aux, budget, frame, z}`` when ``"losses"`` is mutable (``frame`` only
-    with ``frame_regularizer``; product-key ``aux``/``z``: see
+    with ``frame_regularizer``, as its excess over the Welch bound,
+    :func:`dsc_router.frame_excess`: the paper's ``L_frame`` less a constant; product-key
+    ``aux``/``z``: see
     :mod:`dsc_jax.layers.dsc_product_key`).
     """
 
@@ -302,7 +304,7 @@ class DSCLayer(nn.Module):
             if self.frame_regularizer:
                 unit_u = dsc_router.normalize_rows(basis_u, self.eps)
                 unit_v = dsc_router.normalize_rows(basis_v, self.eps)
-                self.sow("losses", "frame", dsc_router.frame_loss(unit_u, unit_v))
+                self.sow("losses", "frame", dsc_router.frame_excess(unit_u, unit_v))
             self.sow("losses", "z", z)
 
     def _contract(
