@@ -50,6 +50,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated subset of dsc,moe,molora,dense (default: the preset's)",
     )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset of the ablation's variants (default: all of them)",
+    )
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: preset's)")
     p.add_argument("--steps", type=int, default=None, help="override num_train_steps")
     p.add_argument(
@@ -82,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants = runner.method_variants(methods)
     else:
         variants = runner.ablation_variants(args.ablation)
+    if args.variants:
+        variants = runner.select_variants(variants, args.variants.split(","))
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(study.seeds)
     overrides = {}
     for item in args.set:

@@ -139,8 +139,22 @@ def ablation_variants(axis: str) -> list[Variant]:
         out.append(Variant(f"dsc_flat{paper.DSC_NUM_BASES}", "dsc", ffn=flat_1523))
         name = f"dsc_pk{PRODUCT_KEY_BASES[-1]}_as_flat{paper.DSC_NUM_BASES}"
         out.append(Variant(name, "dsc", ffn=pk, match_active=flat_1523))
+        # the frame regulariser at M >> d: its cost is O(M d²) per call
+        no_frame = {**pk, "frame_regularizer": False}
+        name = f"dsc_pk{PRODUCT_KEY_BASES[-1]}_no_frame"
+        out.append(Variant(name, "dsc", ffn=no_frame, match_active={}))
         return out
     raise ValueError(f"unknown ablation {axis!r}; expected one of {ABLATIONS}.")
+
+
+def select_variants(variants: Sequence[Variant], names: Sequence[str]) -> list[Variant]:
+    """The variants named in ``names`` (in ``variants``' order); an unknown name raises
+    naming the known ones."""
+    known = [v.name for v in variants]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; expected among {known}.")
+    return [v for v in variants if v.name in names]
 
 
 def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
