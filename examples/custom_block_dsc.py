@@ -10,7 +10,7 @@ What a training loop needs for DSC, all in ``train_step``:
 * apply with ``mutable=["losses"]``: every DSC layer sows its unweighted regularisers there;
 * ``dsc_jax.regularization_loss(losses, dsc_jax.LossWeights())`` weights and sums them;
 * ``optax.chain(optax.adam(lr), dsc_jax.bank_retraction())`` puts the bank rows
-  (``basis_u``/``basis_v``) back on the unit sphere after every update.
+  (``basis_u``/``basis_v``) back on their sphere (radius ``bank_radius``) after every update.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ loop needs for DSC:
 * ``dsc_jax.regularization_loss(dsc_jax.nnx.collect_regularizers(model))`` weights and sums
   them over every layer;
 * ``nnx.Optimizer(model, optax.chain(optax.adam(lr), dsc_jax.bank_retraction()),
-  wrt=nnx.Param)`` keeps the bank rows on the unit sphere.
+  wrt=nnx.Param)`` keeps the bank rows on their sphere (radius ``bank_radius``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ square sits in (4 classes). The model cuts the image into 4x4 patches, embeds th
 pre-LayerNorm blocks whose MLP is a :class:`dsc_jax.DSCLayer` (input and output ``[B, N, d]``:
 the layer acts on the last axis of any shape), mean-pools and classifies. Training adds the
 DSC regularisers (``"losses"`` collection -> :func:`dsc_jax.regularization_loss`) and keeps
-the bank rows on the unit sphere with :func:`dsc_jax.bank_retraction` chained after Adam.
+the bank rows on their sphere with :func:`dsc_jax.bank_retraction` chained after Adam.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = ViT()
     images, _ = synthetic_images(data_rng, args.batch_size)
     params = nn.unbox(model.init(jax.random.key(args.seed), images)["params"])
-    params = dsc_jax.retract_bank(params)  # unit bank rows from the start
+    params = dsc_jax.retract_bank(params)  # bank rows at norm bank_radius from the start
     tx = optax.chain(optax.adam(args.learning_rate), dsc_jax.bank_retraction())
     opt_state = tx.init(params)
 
