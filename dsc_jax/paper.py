@@ -1,4 +1,5 @@
-"""The paper's numbers, in one place (``shared/DSC_SPEC.md``; arXiv 2512.23448).
+"""The paper's numbers, in one place (arXiv 2512.23448: its text, Tables 1 and 2, and its
+reference code).
 
 Every default that comes from the paper or its reference code is defined here once and
 imported by the layers, the model, the solver and the training recipe.
