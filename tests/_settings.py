@@ -75,27 +75,32 @@ def _probe_choices(config: ml_collections.ConfigDict, key: str) -> tuple[Any, ..
     return None
 
 
-def changed_value(config: ml_collections.ConfigDict, key: str) -> Any:
-    """A value of ``key`` that differs from its value in ``config`` (valid where the value's
-    type and the validation's list of choices allow; the caller accepts a refusal)."""
+def changed_values(config: ml_collections.ConfigDict, key: str) -> list[Any]:
+    """Values of ``key`` that differ from its value in ``config``, the most telling first
+    (numbers: doubled, then halved or one more; strings: every other allowed choice, or an
+    edited text). Not all need to be valid: a test tries them in turn and accepts a
+    refusal of each."""
     value = get(config, key)
     if isinstance(value, bool):
-        return not value
+        return [not value]
     if isinstance(value, int):
-        return value * 2 if value > 0 else 512
+        return [value * 2, value // 2, value + 1] if value > 0 else [512, 1]
     if isinstance(value, float):
-        return value / 2 if value > 0 else 0.5
+        return [value / 2, value * 2] if value > 0 else [0.5]
     if isinstance(value, tuple | list):
-        return type(value)(1 if v == -1 else v * 2 for v in value)
+        return [type(value)(1 if v == -1 else v * 2 for v in value)]
     if value is None:
         *path, leaf = key.split(".")
-        kind = get(config, ".".join(path)).get_ref(leaf).get_type() if path else object
-        return {float: 0.01, int: 7, str: "/tmp/changed"}.get(kind, ["changed.txt"])
+        try:  # the type of the placeholder in base_config() (a copy of a config drops it)
+            kind = get(base_config(), ".".join(path)).get_ref(leaf).get_type()
+        except ValueError:  # a plain None there too: such settings hold paths
+            kind = str
+        return [{float: 0.01, int: 7, str: "/tmp/changed"}.get(kind, ["changed.txt"])]
     if isinstance(value, str):
         choices = _choices(config, key)
         if choices is None:
-            return (value + "_changed") if value else "changed"
-        return next(c for c in _concrete(choices) if c != value)
+            return [(value + "_changed") if value else "changed"]
+        return [c for c in _concrete(choices) if c != value]
     raise TypeError(f"no changed value for {key}={value!r}")
 
 

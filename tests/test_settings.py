@@ -14,7 +14,7 @@ from dsc_jax import cli
 from dsc_jax.layers.configs import FFN_CONFIGS, DSCConfig, MoEConfig
 from dsc_jax.train import config as config_lib
 from tests._settings import (
-    changed_value,
+    changed_values,
     cli_text,
     enabling_settings,
     get,
@@ -58,29 +58,31 @@ def tiny():
 def test_every_train_setting_reaches_config_json_or_is_refused(key, tiny, monkeypatch):
     """Keys the tiny run does not read (another FFN kind's, another data source's, a layer
     option of another mode) are given together with the choice that makes the run read them
-    (``model.ffn``, ``data.source``, ``model.moe.dispatch``, ...) where one exists."""
-    value = changed_value(tiny, key)
-    assert plain(value) != plain(get(tiny, key))
-    enable = enabling_settings(tiny, key, value) or []
-    args = [f"--config.{other}={cli_text(choice)}" for other, choice in enable]
-    try:
-        config = train_config(monkeypatch, *args, f"--config.{key}={cli_text(value)}")
-        record = config_lib.run_record(config, 256)  # what the trainer writes to config.json
-    except SystemExit as stop:  # flag parsing: "dsc-train: error: ..." then a hint line
-        first = str(stop.code).splitlines()[0]
-        assert first.startswith("dsc-train: error:") and key in first, stop.code
+    (``model.ffn``, ``data.source``, ``model.moe.dispatch``, ...) where one exists. The
+    changed values are tried in turn until one is taken."""
+    for value in changed_values(tiny, key):
+        assert plain(value) != plain(get(tiny, key))
+        enable = enabling_settings(tiny, key, value) or []
+        args = [f"--config.{other}={cli_text(choice)}" for other, choice in enable]
+        try:
+            config = train_config(monkeypatch, *args, f"--config.{key}={cli_text(value)}")
+            record = config_lib.run_record(config, 256)  # what the trainer writes
+        except SystemExit as stop:  # flag parsing: "dsc-train: error: ..." then a hint line
+            first = str(stop.code).splitlines()[0]
+            assert first.startswith("dsc-train: error:") and key in first, stop.code
+            continue
+        except ValueError as err:  # the CLI prints it as "dsc-train: error: <message>"
+            assert "\n" not in str(err) and key.rsplit(".", 1)[-1] in str(err), err
+            continue
+        assert _flatten(plain(record["config"]))[key] == plain(value)
+        model, leaf = record["model"], key.rsplit(".", 1)[-1]
+        if key == "model.ffn":
+            assert model["ffn"]["kind"] == value
+        elif key.startswith(f"model.{config.model.ffn}."):
+            assert model["ffn"][leaf] == plain(value)
+        elif key.startswith("model.") and key.count(".") == 1:
+            assert model[leaf] == plain(value)
         return
-    except ValueError as err:  # the CLI prints it as "dsc-train: error: <message>"
-        assert "\n" not in str(err) and key.rsplit(".", 1)[-1] in str(err), err
-        return
-    assert _flatten(plain(record["config"]))[key] == plain(value)
-    model, leaf = record["model"], key.rsplit(".", 1)[-1]
-    if key == "model.ffn":
-        assert model["ffn"]["kind"] == value
-    elif key.startswith(f"model.{config.model.ffn}."):
-        assert model["ffn"][leaf] == plain(value)
-    elif key.startswith("model.") and key.count(".") == 1:
-        assert model[leaf] == plain(value)
 
 
 @pytest.mark.parametrize("kind", tuple(FFN_CONFIGS))
