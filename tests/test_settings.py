@@ -154,3 +154,24 @@ def test_layer_options_of_another_mode_are_refused():
     with pytest.raises(ValueError, match=r"product_key_aux='joint' is only read with router="):
         DSCConfig(num_bases=16, top_k=2, hidden_dim=8, product_key_aux="joint")
     DSCConfig(num_bases=16, top_k=2, hidden_dim=8, router="product_key", product_key_aux="joint")
+
+
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_hold_no_setting_their_run_ignores(name):
+    assert config_lib.unread_changes(load_config(name)) == []
+
+
+def test_presets_hold_no_setting_their_runs_ignore():
+    """The training recipes and every run of every dsc-compare study."""
+    from dsc_jax.experiments import runner
+    from dsc_jax.experiments.presets import STUDIES
+    from dsc_jax.train.presets import PAPER_FFN_KINDS, paper_recipe
+
+    for kind in PAPER_FFN_KINDS:
+        assert config_lib.unread_changes(paper_recipe(kind)) == [], kind
+    for name, study in STUDIES.items():
+        for run in runner.plan(study, "/x", runner.method_variants(study.methods), [0]):
+            assert config_lib.unread_changes(run.config) == [], (name, run.variant.name)
