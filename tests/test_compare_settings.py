@@ -165,13 +165,27 @@ def test_settings_the_runner_owns_are_refused(setting, pointer, tmp_path, monkey
         (["--set", "seq_len=8", "--set", "seq_len=9"], "given twice"),
         (["--steps", "3", "--set", "num_train_steps=4"], "--steps 3 sets it too"),
         (["--seeds", "a"], "--seeds 'a'"),
+        (["--seeds", "0,0"], "names a seed twice"),
+        (["--methods", "dsc,dsc"], "name a method twice"),
+        (["--methods", "dsc", "--ablation", "top_k"], "ablations train DSC"),
         (["--no-latency", "--latency-rounds", "3"], "no latency is measured"),
         (["--set", 'data.paths=["a.txt"]'], "no run of this sweep reads it"),
     ],
 )
 def test_bad_settings_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys):
-    status, err, _, _ = compare([*SWEEP, *args], tmp_path, monkeypatch, capsys)
+    own = {"--seeds", "--methods"} & set(args)  # the case gives its own instead of SWEEP's
+    sweep = ["--preset", "tiny"] if own else SWEEP
+    status, err, _, _ = compare([*sweep, *args], tmp_path, monkeypatch, capsys)
     assert refused(status, err) and message in err, err
+
+
+@pytest.mark.parametrize("option", ["--preset", "--seeds", "--methods", "--steps", "--study"])
+def test_an_option_given_twice_is_refused(option, capsys):
+    value = {"--preset": "tiny", "--seeds": "0", "--methods": "dsc", "--steps": "2"}
+    args = ["--preset", "tiny", option, value.get(option, "x"), option, value.get(option, "x")]
+    with pytest.raises(SystemExit) as stop:
+        cli.parse_args(args[2:] if option == "--preset" else args)
+    assert stop.value.code == 2 and f"{option} given twice" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", KINDS)

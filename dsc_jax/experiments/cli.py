@@ -18,7 +18,9 @@ it, ``--set model.dsc.tau=5`` is applied as given (see
 :mod:`dsc_jax.experiments.runner`). Settings that would not take effect are refused with
 one ``dsc-compare: error:`` line and exit status 2: ``seed``/``name``/``model.ffn`` (use
 ``--seeds``/``--study``/``--methods``), a key an ablation variant sets itself, an FFN group
-of a kind the sweep does not train, a key no run reads, unknown keys and bad values.
+of a kind the sweep does not train, a key no run reads, unknown keys and bad values; so
+are an option given twice, a method or seed named twice, ``--methods`` with ``--ablation``
+and ``--latency-rounds`` with ``--no-latency``.
 """
 
 from __future__ import annotations
@@ -44,28 +46,52 @@ def _value(text: str):
         return text
 
 
+class _Once(argparse.Action):
+    """A single-valued option given twice is an error (argparse would keep the last)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, f"_given_{self.dest}", False):
+            parser.error(f"{option_string} given twice; give it once.")
+        setattr(namespace, f"_given_{self.dest}", True)
+        setattr(namespace, self.dest, values)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="dsc-compare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", required=True, choices=tuple(STUDIES))
-    p.add_argument("--results", default="results", help="results root folder")
+    p.register("action", "once", _Once)
+    p.add_argument("--preset", action="once", required=True, choices=tuple(STUDIES))
+    p.add_argument("--results", action="once", default="results", help="results root folder")
     p.add_argument(
         "--study",
+        action="once",
         default=None,
         help="study folder name (default: the preset's, plus _<ablation> for an ablation)",
     )
     p.add_argument(
         "--methods",
+        action="once",
         default=None,
         help="comma-separated subset of dsc,moe,molora,dense (default: the preset's)",
     )
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: preset's)")
-    p.add_argument("--steps", type=int, default=None, help="override num_train_steps")
+    p.add_argument(
+        "--seeds", action="once", default=None, help="comma-separated seeds (default: preset's)"
+    )
+    p.add_argument(
+        "--steps", action="once", type=int, default=None, help="override num_train_steps"
+    )
     p.add_argument(
         "--ablation",
+        action="once",
         default="none",
         choices=runner.ABLATIONS,
         help="DSC ablation axis instead of the method comparison",
@@ -80,6 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--latency-rounds",
+        action="once",
         type=int,
         default=None,
         help=f"timed rounds of the latency measurement (default {LATENCY_ROUNDS})",
@@ -132,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(study.seeds)
         except ValueError:
             raise ValueError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"--seeds {args.seeds!r} names a seed twice; give each once.")
         if args.no_latency and args.latency_rounds is not None:
             raise ValueError("--latency-rounds with --no-latency: no latency is measured.")
         overrides = parse_settings(args.set)

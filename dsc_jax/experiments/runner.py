@@ -97,6 +97,8 @@ def method_variants(methods: Sequence[str]) -> list[Variant]:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; expected among {METHODS}.")
+    if len(set(methods)) < len(methods):
+        raise ValueError(f"methods {list(methods)} name a method twice; give each once.")
     return [Variant(m, m) for m in methods]
 
 
