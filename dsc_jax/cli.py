@@ -174,7 +174,12 @@ def _exit_soon(status: int, grace_s: float = 10.0) -> None:
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
     """absl flag parsing, with bad ``--config.key=value`` overrides (unknown key, wrong type)
-    reported as one line instead of a traceback."""
+    reported as one line instead of a traceback, and a flag given twice refused (absl would
+    keep the last)."""
+    names = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("-") and arg != "--"]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        sys.exit(f"dsc-train: error: {', '.join(twice)} given twice; give each once.")
     try:
         return flag_values(argv)
     except flags.Error as err:

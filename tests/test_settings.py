@@ -85,6 +85,11 @@ def test_every_train_setting_reaches_config_json_or_is_refused(key, tiny, monkey
         return
 
 
+def test_a_flag_given_twice_is_refused(monkeypatch):
+    with pytest.raises(SystemExit, match=r"--config\.seed given twice"):
+        train_config(monkeypatch, "--config.seed=1", "--config.seed=2")
+
+
 @pytest.mark.parametrize("kind", tuple(FFN_CONFIGS))
 def test_other_ffn_groups_are_refused_on_the_command_line(kind, monkeypatch):
     other = next(k for k in FFN_CONFIGS if k != kind)
