@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 from dsc_jax.experiments import report, runner
 from dsc_jax.experiments.presets import STUDIES
+from dsc_jax.train.workdir import WorkdirError
 
 LATENCY_ROUNDS = 30
 
@@ -173,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in overrides.items():
         readers = sorted({r.variant.name for r in runs if key in r.settings})
         print(f"[dsc-compare] --set {key}={value!r}: read by {', '.join(readers)}", flush=True)
-    states = [(run, *runner.run_state(run)) for run in runs]
+    try:
+        states = [(run, *runner.run_state(run)) for run in runs]
+    except WorkdirError as err:  # an unreadable config.json of a finished run
+        return _error(err)
     if args.plan:
         for run, state, detail in states:
             print(f"[dsc-compare] {run.workdir}: {detail or state}", flush=True)
