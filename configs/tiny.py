@@ -40,5 +40,5 @@ def get_config():
     c.data.source = "embedded"  # the Python standard library's sources, offline
     c.data.tokenizer = "byte"  # UTF-8 bytes, vocab 256
     c.data.embedded_max_bytes = 500_000  # a 0.5 MB slice: tokenised in well under a second
-    c.data.cache_dir = None  # no token cache on disk
+    c.data.cache_dir = ""  # no token cache on disk
     return c

@@ -3,9 +3,12 @@
     dsc-train --config=configs/default.py --workdir=runs/default [--config.key=value ...]
 
 Running again with the same ``--workdir`` resumes from its newest intact checkpoint.
-Configuration, data-setup and storage errors (locked or unwritable workdir, unreadable or
-unwritable checkpoints) are printed as one clear message (no traceback) with exit status 1;
-the process then exits within seconds even if a library thread is stuck.
+Every ``--config.KEY=VALUE`` must take effect: an unknown key, a bad value, or a key the run
+does not read (e.g. ``--config.model.moe.top_k`` while ``model.ffn`` is ``dsc``; see
+:func:`dsc_jax.train.config.unread_settings`) is refused. Configuration, data-setup and
+storage errors (locked or unwritable workdir, unreadable or unwritable checkpoints) are
+printed as one clear message (no traceback) with exit status 1; the process then exits
+within seconds even if a library thread is stuck.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,28 +29,93 @@ from dsc_jax._logging import QuietLibraries
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """Define ``--config`` (an ml_collections config file) and ``--workdir`` (idempotent)."""
-    if "config" not in FLAGS:
+    if "config" not in flag_values:
         config_flags.DEFINE_config_file(
             "config",
             None,
             "Training config file (e.g. configs/default.py); override fields with "
             "--config.key=value.",
+            flag_values=flag_values,
             lock_config=True,
         )
-    if "workdir" not in FLAGS:
+    if "workdir" not in flag_values:
         flags.DEFINE_string(
-            "workdir", None, "Run folder for checkpoints and metrics; an existing run resumes."
+            "workdir",
+            None,
+            "Run folder for checkpoints and metrics; an existing run resumes.",
+            flag_values=flag_values,
         )
-    if "coordinator_address" not in FLAGS:  # multi-process runs (dsc_jax.sharding)
+    if "coordinator_address" not in flag_values:  # multi-process runs (dsc_jax.sharding)
         flags.DEFINE_string(
             "coordinator_address",
             None,
             "host:port of process 0 for jax.distributed (omit on TPU pods, Slurm, Open MPI).",
+            flag_values=flag_values,
         )
-        flags.DEFINE_integer("num_processes", None, "Number of processes (jax.distributed).")
-        flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+        flags.DEFINE_integer(
+            "num_processes",
+            None,
+            "Number of processes (jax.distributed).",
+            flag_values=flag_values,
+        )
+        flags.DEFINE_integer(
+            "process_id",
+            None,
+            "This process's index, 0..num_processes-1.",
+            flag_values=flag_values,
+        )
+
+
+def check_overrides(config: Any, overrides: Mapping[str, Any]) -> None:
+    """Refuse ``--config.KEY=VALUE`` overrides that the run does not read.
+
+    A config file may hold settings of another FFN kind or data source (switching
+    ``model.ffn`` keeps the file's other groups; the trainer logs those); a key given on the
+    command line is meant to take effect, so one the run would ignore is an error.
+
+    Raises:
+      ValueError: naming every such key and why the run does not read it.
+    """
+    from dsc_jax.train.config import unread_reason, unread_settings
+
+    unread = unread_settings(config)
+    ignored = [
+        f"--config.{key}={value!r} ({reason})"
+        for key, value in overrides.items()
+        if (reason := unread_reason(key, unread)) is not None
+    ]
+    if ignored:
+        raise ValueError(
+            f"this run does not read {'; '.join(ignored)}; drop the override or change the "
+            "setting it depends on."
+        )
+
+
+def _loaded_config(flag_values: flags.FlagValues) -> Any:
+    try:
+        config = flag_values.config
+        config.keys()  # a config file that failed to load raises on first use
+    except (OSError, ImportError, SyntaxError, AttributeError) as err:
+        sys.exit(f"dsc-train: error: cannot load --config: {err}")
+    return config
+
+
+def load_config(flag_values: flags.FlagValues = FLAGS) -> Any:
+    """The ``--config`` file with its overrides, validated (:func:`validate_config`) and
+    checked (:func:`check_overrides`): the config :func:`train_and_evaluate` gets.
+
+    Raises:
+      SystemExit: the config file cannot be loaded.
+      ValueError: a bad value, or an override the run does not read.
+    """
+    from dsc_jax.train.config import validate_config
+
+    config = _loaded_config(flag_values)
+    validate_config(config)
+    check_overrides(config, config_flags.get_override_values(flag_values["config"]))
+    return config
 
 
 def main(argv: Sequence[str]) -> None:
@@ -55,10 +124,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS["config"].value is None and not FLAGS["config"].present:
         raise app.UsageError("--config is required (e.g. --config=configs/default.py).")
-    try:
-        FLAGS.config.keys()  # a config file that failed to load raises on first use
-    except (OSError, ImportError, SyntaxError, AttributeError) as err:
-        sys.exit(f"dsc-train: error: cannot load --config: {err}")
+    _loaded_config(FLAGS)
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (e.g. --workdir=runs/default).")
     # Imported here so that `--help` and flag errors need no JAX start-up.
@@ -68,7 +134,6 @@ def main(argv: Sequence[str]) -> None:
         UnreadableCheckpointsError,
         quiet_closed_event_loop_errors,
     )
-    from dsc_jax.train.config import validate_config
     from dsc_jax.train.trainer import DataSetupError, NonFiniteLossError, train_and_evaluate
     from dsc_jax.train.workdir import WorkdirError
 
@@ -83,10 +148,10 @@ def main(argv: Sequence[str]) -> None:
     )
     quiet_closed_event_loop_errors()
     try:
-        validate_config(FLAGS.config)
+        config = load_config()
         # Before any JAX computation: multi-process runtime (auto-detected or from the flags).
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = train_and_evaluate(config, FLAGS.workdir)
     except user_errors as err:
         # One clear message; the traceback only with --verbosity=1.
         logging.debug("traceback of the error below", exc_info=True)
@@ -107,11 +172,16 @@ def _exit_soon(status: int, grace_s: float = 10.0) -> None:
     threading.Thread(target=watchdog, name="dsc-exit-watchdog", daemon=True).start()
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
     """absl flag parsing, with bad ``--config.key=value`` overrides (unknown key, wrong type)
-    reported as one line instead of a traceback."""
+    reported as one line instead of a traceback, and a flag given twice refused (absl would
+    keep the last)."""
+    names = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("-") and arg != "--"]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        sys.exit(f"dsc-train: error: {', '.join(twice)} given twice; give each once.")
     try:
-        return FLAGS(argv)
+        return flag_values(argv)
     except flags.Error as err:
         sys.exit(f"dsc-train: error: {err}\nPass --helpfull to see the flags.")
     except (AttributeError, KeyError, TypeError, ValueError) as err:

@@ -47,6 +47,8 @@ class SamplingConfig:
       top_k: sample among the ``top_k`` most likely tokens only (``0``: no limit).
       top_p: nucleus sampling: the smallest set of most likely tokens whose probability
         reaches ``top_p`` (``1.0``: no limit); ``0 < top_p <= 1``.
+
+    ``top_k``/``top_p`` with ``temperature=0`` raise: greedy decoding would ignore them.
     """
 
     max_new_tokens: int | None = None
@@ -69,6 +71,12 @@ class SamplingConfig:
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
             raise ValueError(f"top_p={p!r} is invalid; expected 0 < top_p <= 1 (1 = off).")
+        if t == 0 and (k != 0 or p != 1):  # greedy: the filters would be ignored
+            given = f"top_k={k!r}" if k != 0 else f"top_p={p!r}"
+            raise ValueError(
+                f"{given} has no effect with temperature=0 (greedy: the most likely token); "
+                "set temperature > 0 to sample, or drop it."
+            )
 
 
 @dataclasses.dataclass(frozen=True)

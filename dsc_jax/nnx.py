@@ -151,9 +151,15 @@ class FromLinen(nnx.Module):
         Args:
           x: the input (layers: ``[..., d]`` floats; GPT: ``[B, T]`` int tokens).
           deterministic: ``False`` enables dropout / MoE jitter and computes the regularisers.
-          rngs: overrides the stored stream for this call's ``dropout`` key.
+          rngs: overrides the stored stream for this call's ``dropout`` key; only with
+            ``deterministic=False`` (a deterministic call draws nothing, so it raises).
         """
         key = None
+        if deterministic and rngs is not None:
+            raise ValueError(
+                f"{type(self).__name__}: rngs= is only used with deterministic=False (dropout, "
+                "router jitter); a deterministic call draws nothing, so drop it."
+            )
         if not deterministic:
             source = self.rngs if rngs is None else rngs
             if source is None:

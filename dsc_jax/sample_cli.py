@@ -6,7 +6,9 @@
 Loads the newest restorable checkpoint of a training run (:func:`dsc_jax.loading.load_model`,
 tokeniser from the run's own config) and prints ``num_samples`` continuations of the prompt,
 then one line of timings (compile, prefill, decode tokens/s) on stderr. Errors (missing or
-foreign workdir, prompt too long, bad sampling values) are one clear message, no traceback.
+foreign workdir, prompt too long, bad sampling values, a flag greedy decoding would ignore:
+``--top_k``/``--top_p``/``--seed`` with ``--temperature=0``) are one clear message, no
+traceback.
 """
 
 from __future__ import annotations
@@ -21,22 +23,42 @@ from dsc_jax._logging import QuietLibraries
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """Define the sampling flags (idempotent)."""
-    if "prompt" in FLAGS:
+    if "prompt" in flag_values:
         return
-    if "workdir" not in FLAGS:
-        flags.DEFINE_string("workdir", None, "Run folder written by train.py (config.json, ...).")
-    flags.DEFINE_string("prompt", "", "Text to continue.")
+    fv = {"flag_values": flag_values}
+    if "workdir" not in flag_values:
+        flags.DEFINE_string(
+            "workdir", None, "Run folder written by train.py (config.json, ...).", **fv
+        )
+    flags.DEFINE_string("prompt", "", "Text to continue.", **fv)
     flags.DEFINE_integer(
-        "max_new_tokens", None, "Tokens to generate (default: the rest of the model's context)."
+        "max_new_tokens",
+        None,
+        "Tokens to generate (default: the rest of the model's context).",
+        **fv,
     )
-    flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
-    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, 0 < top_p <= 1 (1: off).")
-    flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.")
-    flags.DEFINE_integer("num_samples", 1, "Continuations to generate (one batch).")
-    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
+    flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.", **fv)
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).", **fv)
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, 0 < top_p <= 1 (1: off).", **fv)
+    flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.", **fv)
+    flags.DEFINE_integer("num_samples", 1, "Continuations to generate (one batch).", **fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).", **fv)
+
+
+def check_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Refuse flags that would be ignored (``--seed`` with greedy decoding; ``--top_k`` and
+    ``--top_p`` are refused by :class:`dsc_jax.generate.SamplingConfig`).
+
+    Raises:
+      ValueError: naming the flag.
+    """
+    if flag_values.temperature == 0 and flag_values["seed"].present:
+        raise ValueError(
+            f"--seed={flag_values.seed} has no effect with --temperature=0 (greedy decoding "
+            "draws nothing); set --temperature > 0 to sample, or drop --seed."
+        )
 
 
 def sample_main(
@@ -88,6 +110,7 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (a run folder written by train.py).")
     try:
+        check_flags()
         sample_main(
             FLAGS.workdir,
             FLAGS.prompt,

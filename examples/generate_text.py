@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--max_bytes", type=int, default=0, help="corpus slice when training")
     parser.add_argument("--max_new_tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument(
+        "--top_p", type=float, default=None, help="nucleus mass (default 0.95; greedy: none)"
+    )
     parser.add_argument("--num_samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -60,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     print(
         f"loaded {args.workdir}: {config.ffn_kind} GPT, d={config.d_model}, L={config.num_layers}"
     )
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, top_p=args.top_p)
+    top_p = args.top_p if args.top_p is not None else (0.95 if args.temperature > 0 else 1.0)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, top_p=top_p)
     texts, result = sample_text(
         config,
         params,

@@ -1,7 +1,8 @@
-"""dsc-compare (issue 12) on --preset tiny: report, skip of finished runs, resume."""
+"""dsc-compare on --preset tiny: report, settings, skip of finished runs, resume."""
 
 import json
 import os
+import shlex
 import shutil
 
 import pytest
@@ -11,7 +12,8 @@ from dsc_jax.experiments.presets import STUDIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compiles")]
 
-ARGS = ["--preset", "tiny", "--methods", "dsc,moe", "--seeds", "0,1"]
+# a DSC-only setting: the DSC runs read it, the MoE runs keep the study's value
+ARGS = ["--preset", "tiny", "--methods", "dsc,moe", "--seeds", "0,1", "--set", "model.dsc.tau=10.0"]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,26 @@ def test_report_has_rows_columns_and_files(sweep):
     assert data["paper_table_1"]["dsc"]["val_loss"] == [5.126, 0.006]
 
 
+def test_settings_reach_the_runs_that_read_them(sweep):
+    """--set model.dsc.tau=10: in the DSC runs' config.json and done.json and in the
+    effective sizes commands.txt records; the MoE runs keep the study's value."""
+    for seed in (0, 1):
+        dsc = json.loads((sweep / f"dsc_seed{seed}" / "config.json").read_text())
+        assert dsc["config"]["model"]["dsc"]["tau"] == 10.0 and dsc["model"]["ffn"]["tau"] == 10.0
+        done = json.loads((sweep / f"dsc_seed{seed}" / runner.DONE_FILE).read_text())
+        assert done["settings"] == {"model.dsc.tau": 10.0}
+        moe = json.loads((sweep / f"moe_seed{seed}" / "config.json").read_text())
+        assert moe["config"]["model"]["dsc"]["tau"] == STUDIES["tiny"].base().model.dsc.tau
+        assert "settings" not in json.loads(
+            (sweep / f"moe_seed{seed}" / runner.DONE_FILE).read_text()
+        )
+    commands = (sweep / "commands.txt").read_text().splitlines()
+    assert commands[0].startswith("dsc-compare " + shlex.join(ARGS))
+    effective = commands[1:3]
+    assert effective[0].startswith("#   dsc: dsc ") and "tau=10.0" in effective[0]
+    assert "num_bases=" in effective[0] and effective[1].startswith("#   moe: moe ")
+
+
 def test_second_invocation_skips_finished_runs(sweep, capsys):
     metrics = {p: (sweep / p / "metrics.jsonl").read_bytes() for p in ("dsc_seed0", "moe_seed1")}
     assert cli.main([*ARGS, "--results", str(sweep.parent), "--no-latency"]) == 0
@@ -85,8 +107,9 @@ def test_finished_run_from_older_code_is_skipped_not_refused(sweep, capsys):
         assert "(0 trained, 4 skipped)" in capsys.readouterr().out
         saved["config"]["optim"]["learning_rate"] *= 2  # trained with another setting: not this run
         config_path.write_text(json.dumps(saved))
-        with pytest.raises(ValueError, match="finished with another config"):
-            cli.main([*ARGS, "--results", str(sweep.parent), "--no-latency"])
+        assert cli.main([*ARGS, "--results", str(sweep.parent), "--no-latency"]) == 2
+        err = capsys.readouterr().err  # refused before anything is trained
+        assert "finished with another config (optim.learning_rate: 0.006 -> 0.003)" in err
     finally:
         config_path.write_text(config_text)
         done_path.write_text(done_text)

@@ -133,11 +133,33 @@ def test_sample_logits_filters():
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": 0, "top_k": 5}, "top_k=5 has no effect with temperature=0"),
+        ({"temperature": 0.0, "top_p": 0.9}, "top_p=0.9 has no effect with temperature=0"),
     ],
 )
 def test_bad_sampling_values_raise(fields, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**fields)
+
+
+def test_sample_cli_refuses_a_seed_greedy_decoding_ignores():
+    from absl import flags
+
+    from dsc_jax import sample_cli
+
+    values = flags.FlagValues()
+    sample_cli.define_flags(values)
+    values(["dsc-sample", "--workdir=/x", "--temperature=0", "--seed=3"])
+    with pytest.raises(ValueError, match="--seed=3 has no effect with --temperature=0"):
+        sample_cli.check_flags(values)
+    values = flags.FlagValues()
+    sample_cli.define_flags(values)
+    values(["dsc-sample", "--workdir=/x", "--temperature=0"])
+    sample_cli.check_flags(values)  # greedy without a seed
+    values = flags.FlagValues()
+    sample_cli.define_flags(values)
+    values(["dsc-sample", "--workdir=/x", "--seed=3"])
+    sample_cli.check_flags(values)  # sampling with a seed
 
 
 def test_prompt_errors():

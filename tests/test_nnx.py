@@ -75,6 +75,8 @@ def test_outputs_and_regularizers_match_linen(kind):
         )
         assert float(dnnx.collect_diagnostics(layer)["tokens"]) == 6.0
     chex.assert_trees_all_close(layer(x), linen_layer.apply(variables, x), **TOL)
+    with pytest.raises(ValueError, match="rngs= is only used with deterministic=False"):
+        layer(x, deterministic=True, rngs=key)  # would be ignored
     # eval computes no regulariser: zeros of the same structure
     chex.assert_trees_all_equal_structs(
         dnnx.collect_regularizers(layer), dict(state.get("losses", {}))

@@ -12,6 +12,7 @@ import pytest
 from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig
 from dsc_jax.models.gpt import GPTConfig
 from dsc_jax.models.solver import (
+    SIZED_FIELDS,
     budget_ffn_params,
     closed_form_params,
     count_params,
@@ -158,7 +159,36 @@ def test_untied_and_overrides():
         ("molora", {"total_params": 28.0001e6, "active_params": 28e6}, "rank 0 < 1"),
         ("molora", {"total_params": 35e6, "active_params": 28e6, "top_k": 16}, "num_experts"),
         ("moe", {"total_params": 35e6}, "active_params is required"),
-        ("moe", {"total_params": 35e6, "active_params": 28e6, "num_experts": 8}, "num_experts"),
+        ("moe", {"total_params": 35e6, "active_params": 28e6, "num_experts": 2}, "num_experts"),
+        ("dense", {"total_params": 35e6, "top_k": 2}, "top_k=2 does not apply to kind='dense'"),
+        ("dsc", {"total_params": 35e6, "active_params": 28e6, "rank": 8}, "rank=8 does not"),
+        ("moe", {"total_params": 35e6, "active_params": 28e6, "num_bases": 8}, "num_bases"),
+        ("dsc", {"total_params": 35e6, "active_params": 28e6, "num_bases": 3}, "num_bases=3"),
+        (
+            "dsc",
+            {"total_params": 35e6, "active_params": 28e6, "num_bases": 2150},
+            r"num_bases=2150 leaves hidden_dim=-?\d+ < 32",
+        ),
+        (
+            "moe",
+            {"total_params": 35e6, "active_params": 28e6, "num_experts": 2100},
+            "num_experts=2100 leaves hidden_dim=21 < 32",
+        ),
+        (
+            "molora",
+            {"total_params": 35e6, "active_params": 28e6, "hidden_dim": 1100},
+            "hidden_dim=1100 leaves rank",
+        ),
+        (
+            "dsc",
+            {"total_params": 35e6, "active_params": 28e6, "ffn_overrides": {"hidden_dim": 64}},
+            "ffn_overrides may not set the sized field",
+        ),
+        (
+            "dsc",
+            {"total_params": 35e6, "active_params": 28e6, "ffn_overrides": {"colour": 1}},
+            "unknown field",
+        ),
         ("mlp", {"total_params": 35e6}, "kind"),
         ("dsc", {"total_params": -1, "active_params": 1}, "total_params=-1"),
         ("dsc", {"total_params": 35e6, "active_params": 28e6, "top_k": 0}, "top_k"),
@@ -172,3 +202,77 @@ def test_untied_and_overrides():
 def test_bad_targets_raise(kind, kwargs, match):
     with pytest.raises(ValueError, match=match):
         solve_iso_active(kind, **kwargs, **PAPER)
+
+
+# Sizes a caller may give (the inputs top_k and MoLoRA's num_experts are covered above).
+GIVEN = [
+    (kind, field)
+    for kind, fields in SIZED_FIELDS.items()
+    for field in fields
+    if field != "top_k" and (kind, field) != ("molora", "num_experts")
+]
+
+
+@pytest.mark.parametrize(("kind", "field"), GIVEN)
+def test_given_size_equal_to_the_solved_one_changes_nothing(paper_solutions, kind, field):
+    """Giving a size its solved value re-solves the others to the same paper solution."""
+    default = paper_solutions[kind]
+    sol = solve_iso_active(
+        kind,
+        total_params=TOTAL,
+        active_params=ACTIVE,
+        **{field: getattr(default.ffn, field)},
+        **PAPER,
+    )
+    assert sol.ffn == default.ffn and default.unfitted == ()
+    assert sol.unfitted and set(sol.unfitted) <= {"total", "active"}
+
+
+@pytest.mark.parametrize(("kind", "field"), GIVEN)
+def test_given_size_is_kept_and_the_others_fit_a_target(paper_solutions, kind, field):
+    """A given size is kept; the other sizes fit the target the solver can still reach
+    (one unit of a solved size per layer, d·2·layers parameters at most)."""
+    default = paper_solutions[kind]
+    value = getattr(default.ffn, field) * 3 // 4
+    sol = solve_iso_active(
+        kind, total_params=TOTAL, active_params=ACTIVE, **{field: value}, **PAPER
+    )
+    assert getattr(sol.ffn, field) == value
+    assert sol.ffn != default.ffn
+    targets = {
+        "total": (TOTAL, sol.budget_total_params),
+        "active": (ACTIVE, sol.budget_active_params),
+    }
+    fitted = [t for t in targets if t not in sol.unfitted]
+    if kind == "dense":
+        assert sol.unfitted == ("total",)  # dense has no active target of its own
+        return
+    assert fitted, sol.unfitted
+    for target in fitted:
+        goal, got = targets[target]
+        # one unit of the solved size: 2d (H), d (M) or 2dk (r) per layer; MoE's E: 2dH + d
+        unit = 6 * (2 * 384 * max(sol.ffn.hidden_dim, 2 * getattr(sol.ffn, "top_k", 1)) + 384)
+        assert abs(goal - got) <= unit, (target, goal, got)
+    assert (sol.total_params, sol.active_params) == count_params(sol.config)
+
+
+def test_given_sizes_of_every_free_dimension_fit_nothing():
+    sol = solve_iso_active(
+        "dsc", total_params=TOTAL, active_params=ACTIVE, num_bases=100, hidden_dim=64, **PAPER
+    )
+    assert (sol.ffn.num_bases, sol.ffn.top_k, sol.ffn.hidden_dim) == (100, 4, 64)
+    assert sol.unfitted == ("total", "active")
+    sol = solve_iso_active(
+        "moe", total_params=TOTAL, active_params=ACTIVE, num_experts=8, top_k=1, **PAPER
+    )
+    assert (sol.ffn.num_experts, sol.ffn.top_k) == (8, 1) and sol.unfitted == ("total",)
+    assert abs(sol.budget_active_params - ACTIVE) <= 6 * 2 * 384
+
+
+def test_top_k_given_resolves_the_bank():
+    """K is an input: M and H are solved for it (both targets fitted)."""
+    sol = solve_iso_active("dsc", total_params=TOTAL, active_params=ACTIVE, top_k=8, **PAPER)
+    assert sol.ffn.top_k == 8 and sol.unfitted == ()
+    assert sol.ffn.num_bases != 1523 and sol.ffn.hidden_dim != 327
+    assert abs(sol.budget_total_params - TOTAL) <= 6 * 3 * 384
+    assert abs(sol.budget_active_params - ACTIVE) <= 6 * 2 * 384

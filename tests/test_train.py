@@ -8,6 +8,7 @@ All runs share a persistent compilation cache, so only the first run compiles.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 
@@ -16,6 +17,7 @@ import pytest
 
 from dsc_jax.train import steps
 from dsc_jax.train.checkpointing import read_meta
+from dsc_jax.train.config import plain_config, run_record
 from dsc_jax.train.metrics import MetricsWriter, read_metrics
 from dsc_jax.train.trainer import NonFiniteLossError, train_and_evaluate
 from tests._train_utils import load_config, without_timing
@@ -46,7 +48,7 @@ def straight_run(tmp_path_factory, cache_dir):
     return workdir, result
 
 
-def test_loss_falls_and_outputs_exist(straight_run):
+def test_loss_falls_and_outputs_exist(straight_run, cache_dir):
     workdir, result = straight_run
     assert result["status"] == "completed" and result["step"] == TOTAL
     records = read_metrics(workdir)
@@ -65,7 +67,9 @@ def test_loss_falls_and_outputs_exist(straight_run):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "24", "8"]
     assert read_meta(os.path.join(workdir, "checkpoints"), 24)["data_state"]["step"] == TOTAL
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
-    assert os.path.exists(os.path.join(workdir, "config.json"))
+    with open(os.path.join(workdir, "config.json")) as f:  # what test_settings.py checks
+        record = json.load(f)
+    assert record == plain_config(run_record(tiny(cache_dir), 256))
 
 
 def test_resume_equals_uninterrupted(straight_run, tmp_path, cache_dir):

@@ -83,6 +83,42 @@ def as_plain_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def unread_keys(cfg: Any) -> dict[str, str]:
+    """The keys of ``config.data`` that the data of ``cfg`` does not depend on, given its
+    ``source``, ``pipeline`` and ``tokenizer`` (e.g. ``paths`` unless ``source`` is
+    ``"text_files"``), each with the reason. Everything else may change the tokens."""
+    d = as_plain_dict(cfg)
+    source, pipeline = d["source"], d["pipeline"]
+    tfds = isinstance(source, str) and source.startswith("tfds:")
+    out: dict[str, str] = {}
+
+    def unread(keys: tuple[str, ...], reason: str) -> None:
+        out.update({key: reason for key in keys})
+
+    if source != "text_files":
+        unread(("paths",), f"only source='text_files' reads it (source={source!r})")
+    if source not in ("embedded", "text_files"):
+        reason = f"only sources 'embedded' and 'text_files' read it (source={source!r})"
+        unread(("validation_fraction",), reason)
+    if source != "embedded":
+        unread(("embedded_max_bytes",), f"only source='embedded' reads it (source={source!r})")
+    if source != "wikitext103":
+        reason = f"only source='wikitext103' reads it (source={source!r})"
+        unread(("wikitext_dir", "wikitext_download"), reason)
+        if not tfds:
+            reason = f"only sources 'wikitext103' and 'tfds:<name>' read it (source={source!r})"
+            unread(("tfds_data_dir",), reason)
+    if not tfds:
+        reason = f"only sources 'tfds:<name>' read it (source={source!r})"
+        unread(("tfds_text_feature", "tfds_train_split", "tfds_validation_split"), reason)
+    if pipeline != "paper":
+        reason = f"only pipeline='paper' reads it (pipeline={pipeline!r})"
+        unread(("calc_prob", "min_line_chars", "train_fraction", "augment_seed"), reason)
+    if d["tokenizer"] != "gpt2":
+        unread(("gpt2_bpe_dir",), f"only tokenizer='gpt2' reads it (tokenizer={d['tokenizer']!r})")
+    return out
+
+
 def split_paths(paths: Any) -> list[str]:
     """``paths`` (comma-separated string, or sequence of strings) as a list of non-empty strings."""
     if paths is None:

@@ -36,7 +36,9 @@ class Study:
 
     Attributes:
       name: default study folder name under the results root.
-      base: builds the shared training config (``model.ffn`` and the FFN sizes are set later).
+      base: builds the shared training config (``model.ffn``, ``seed``, ``name`` and the FFN
+        sizes are set per run; an FFN field it sets off the :func:`base_config` default is
+        kept, a size as a constraint of the solver, like ``dsc-compare --set``).
       total_params, active_params: iso-active targets (dense takes ``total_params``: the
         paper's Dense has as many parameters as the sparse models have in total).
       seeds: default seeds.

@@ -5,6 +5,18 @@ that finished has ``done.json`` there (its final metrics and the config's finger
 is not trained again; an interrupted one (checkpoint before the last step) resumes, since
 the trainer resumes a workdir. ``<results>/<study>/`` also gets ``comparison.md``,
 ``comparison.json``, ``convergence.png`` and (with DSC runs) ``dsc_bank.png``.
+
+Settings (``dsc-compare --set KEY=VALUE``, :func:`plan`'s ``overrides``) take effect or are
+refused (``ValueError``, one line naming the key): they are applied to the study's base
+config before the FFNs are sized. A sized FFN field (:data:`SIZED_FIELDS`: ``num_bases``,
+``hidden_dim``, ``num_experts``, ``rank``, ``top_k``) is a constraint: the solver keeps it and
+sizes the others to the targets (:func:`dsc_jax.solve_iso_active`; a target it cannot fit
+any more is reported); every other FFN field is applied as given. Refused: keys the runner
+sets itself (:data:`RUNNER_OWNED`), keys a variant of the sweep sets itself (an ablation's
+axis), an FFN group of a kind the sweep does not train, keys no run of the sweep reads
+(:func:`dsc_jax.train.config.unread_settings`), unknown keys and bad values. A run that does
+not read a setting (``bank_projection`` in a MoE run) keeps the study's value, so its config
+and fingerprint do not change.
 """
 
 from __future__ import annotations
@@ -22,7 +34,9 @@ import ml_collections
 
 from dsc_jax import paper
 from dsc_jax.experiments.presets import METHODS, STUDIES, Study
+from dsc_jax.layers.configs import FFN_CONFIGS
 from dsc_jax.models.solver import (
+    SIZED_FIELDS,
     IsoActiveSolution,
     count_params,
     fixed_param_count,
@@ -34,6 +48,12 @@ from dsc_jax.train.workdir import CHECKPOINT_DIR, read_saved_config
 logger = logging.getLogger("dsc_jax.experiments")
 
 DONE_FILE = "done.json"
+#: Keys each run's config gets from the runner, and the option that sets them instead.
+RUNNER_OWNED = {
+    "seed": "each run's seed comes from --seeds",
+    "name": "each run is named <study>/<variant>_seed<k>; name the study folder with --study",
+    "model.ffn": "each run's FFN kind comes from --methods (or --ablation)",
+}
 ABLATIONS = (
     "none",
     "top_k",
@@ -89,6 +109,8 @@ def method_variants(methods: Sequence[str]) -> list[Variant]:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; expected among {METHODS}.")
+    if len(set(methods)) < len(methods):
+        raise ValueError(f"methods {list(methods)} name a method twice; give each once.")
     return [Variant(m, m) for m in methods]
 
 
@@ -158,40 +180,79 @@ def select_variants(variants: Sequence[Variant], names: Sequence[str]) -> list[V
 
 
 def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Set one leaf, refusing unknown keys, groups and values of another type (one line)."""
     *path, leaf = dotted.split(".")
     node = config
-    for part in path:
+    for depth, part in enumerate(path):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(path[:depth]) or "the config"
+            raise ValueError(f"unknown config key {dotted!r}: no group {part!r} in {where}.")
         node = node[part]
-    if leaf not in node:
-        raise ValueError(f"unknown config key {dotted!r}")
-    node[leaf] = value
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ValueError(f"unknown config key {dotted!r}; expected one of {known}.")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ValueError(f"{dotted!r} is a group of settings; set one of its keys.")
+    if isinstance(node[leaf], tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[leaf] = value
+    except TypeError:
+        raise ValueError(
+            f"{dotted}={value!r} is invalid; expected the type of its current value "
+            f"{node[leaf]!r} ({type(node[leaf]).__name__})."
+        ) from None
 
 
-def solve(study: Study, base: ml_collections.ConfigDict, variant: Variant) -> IsoActiveSolution:
-    """Iso-active FFN sizes of ``variant`` under ``study``'s targets (dense: total)."""
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _transformer(base: ml_collections.ConfigDict, variant: Variant) -> dict[str, Any]:
+    """The solver's transformer arguments of ``variant`` (``d`` scaled, whole heads)."""
     d = round(base.model.d_model * variant.scale / base.model.num_heads)
-    d *= base.model.num_heads
-    vocab = base.model.vocab_size or (256 if base.data.tokenizer == "byte" else 50304)
-    fixed_kw = dict(
-        d_model=d,
+    return dict(
+        d_model=d * base.model.num_heads,
         num_layers=base.model.num_layers,
         num_heads=base.model.num_heads,
-        vocab_size=vocab,
+        vocab_size=base.model.vocab_size or (256 if base.data.tokenizer == "byte" else 50304),
         seq_len=base.model.max_seq_len or base.seq_len,
         tie_embeddings=base.model.tie_embeddings,
     )
+
+
+def _targets(
+    study: Study, base: ml_collections.ConfigDict, variant: Variant
+) -> tuple[float, float]:
+    """``(total, active)`` parameter targets of ``variant`` (dense: both the total)."""
     total, active = study.total_params, study.active_params
     if variant.scale != 1.0:  # same FFN budgets per unit of width: d and M scale together
-        f0 = fixed_param_count(
-            base.model.d_model, fixed_kw["num_layers"], vocab, fixed_kw["seq_len"]
-        )
-        f1 = fixed_param_count(d, fixed_kw["num_layers"], vocab, fixed_kw["seq_len"])
-        s = d / base.model.d_model
+        shape = _transformer(base, variant)
+        layers, vocab, seq = shape["num_layers"], shape["vocab_size"], shape["seq_len"]
+        f0 = fixed_param_count(base.model.d_model, layers, vocab, seq)
+        f1 = fixed_param_count(shape["d_model"], layers, vocab, seq)
+        s = shape["d_model"] / base.model.d_model
         total = f1 + (total - f0) * s * s
         active = f1 + (active - f0) * s * s
+    return (total, total) if variant.kind == "dense" else (total, active)
+
+
+def solve(
+    study: Study,
+    base: ml_collections.ConfigDict,
+    variant: Variant,
+    fixed: Mapping[str, int] | None = None,
+) -> IsoActiveSolution:
+    """Iso-active FFN sizes of ``variant`` under ``study``'s targets (dense: total); the
+    ``fixed`` sizes (:data:`SIZED_FIELDS` of its kind) are kept, the others solved."""
+    kw = {**_transformer(base, variant), **(fixed or {})}
+    total, active = _targets(study, base, variant)
     if variant.kind == "dense":
-        return solve_iso_active("dense", total_params=total, **fixed_kw)
-    return solve_iso_active(variant.kind, total_params=total, active_params=active, **fixed_kw)
+        return solve_iso_active("dense", total_params=total, **kw)
+    return solve_iso_active(variant.kind, total_params=total, active_params=active, **kw)
 
 
 def method_config(
@@ -200,16 +261,26 @@ def method_config(
     variant: Variant,
     seed: int,
     steps: int | None = None,
+    given: Mapping[str, set[str] | frozenset[str]] | None = None,
 ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """The training config of one run and its parameter counts."""
+    """The training config of one run and its parameter counts.
+
+    ``base`` holds the settings (FFN fields included); ``given`` names, per FFN kind, the
+    fields set on purpose (by ``--set`` or the preset): sized ones among them are kept by the
+    solver, the other sized fields are solved. Then the variant's own FFN fields and
+    overrides apply.
+    """
     config = ml_collections.ConfigDict(base.to_dict())
-    sol = solve(study, base, variant)
-    config.model.ffn = variant.kind
+    kind = variant.kind
+    group = base.model[kind]
+    fixed = {f: group[f] for f in (given or {}).get(kind, ()) if f in SIZED_FIELDS[kind]}
+    sol = solve(study, base, variant, fixed)
+    config.model.ffn = kind
     config.model.d_model = sol.config.d_model
-    ffn = {**sol.ffn.to_dict(), **variant.ffn}
-    for key, value in ffn.items():
-        if key in config.model[variant.kind]:
-            config.model[variant.kind][key] = value
+    for key in SIZED_FIELDS[kind]:
+        config.model[kind][key] = getattr(sol.ffn, key)
+    for key, value in variant.ffn.items():
+        config.model[kind][key] = value
     for key, value in variant.overrides.items():
         _set(config, key, value)
     config.seed = seed
@@ -218,20 +289,28 @@ def method_config(
         config.num_train_steps = steps
     if variant.match_active is not None:
         reference = method_config(
-            study, base, Variant("reference", variant.kind, ffn=variant.match_active), seed, steps
+            study,
+            base,
+            Variant("reference", kind, ffn=variant.match_active),
+            seed,
+            steps,
+            given,
         )
-        ffn["hidden_dim"] = _match_active_hidden(
-            config, variant.kind, reference[1]["active_params"], sol.config.vocab_size
+        config.model[kind].hidden_dim = _match_active_hidden(
+            config, kind, reference[1]["active_params"], sol.config.vocab_size
         )
-        config.model[variant.kind].hidden_dim = ffn["hidden_dim"]
     config_lib.validate_config(config)
     total, active = count_params(config_lib.model_config(config, vocab_size=sol.config.vocab_size))
+    targets = _targets(study, base, variant)
     sizes = {
         "total_params": total,
         "active_params": active,
         "budget_total_params": sol.budget_total_params,
         "budget_active_params": sol.budget_active_params,
-        "ffn": ffn,
+        "target_total_params": round(targets[0]),
+        "target_active_params": round(targets[1]),
+        "unfitted": list(sol.unfitted),
+        "ffn": config.model[kind].to_dict(),
     }
     return config, sizes
 
@@ -254,8 +333,10 @@ def _match_active_hidden(
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
-    """Hash of a config (a finished run is only skipped when its config is unchanged)."""
-    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    """Hash of the settings a run reads (:func:`dsc_jax.train.config.read_settings`: not,
+    e.g., the ``model.dsc`` group of a MoE run); a finished run is only skipped when they
+    are unchanged."""
+    text = json.dumps(config_lib.read_settings(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -277,24 +358,111 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 @dataclasses.dataclass
 class Run:
+    """One planned run: ``settings`` are the ``--set`` keys it reads, with their values."""
+
     variant: Variant
     seed: int
     workdir: str
     config: ml_collections.ConfigDict
     sizes: dict[str, Any]
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def config_changes(run: Run) -> list[str] | None:
+    """``"key: saved -> now"`` for every setting ``run.config`` reads that differs from the
+    run's saved ``config.json`` (:func:`dsc_jax.train.config.resume_changes`: keys added to
+    the code since count as unchanged at their defaults, settings the run does not read are
+    not compared); ``None`` when there is no ``config.json``."""
+    saved = read_saved_config(run.workdir)
+    if saved is None:
+        return None
+    allowed, refused = config_lib.resume_changes(saved, run.config)
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in sorted(allowed + refused)]
 
 
 def same_finished_config(run: Run, done: Mapping[str, Any]) -> bool:
     """Whether the finished run in ``run.workdir`` was trained with ``run.config``: the same
-    fingerprint, or a ``config.json`` that differs only by keys added to the code since, at
-    their defaults (the rule a resumed run follows, :func:`config_lib.resume_changes`)."""
+    fingerprint, or a ``config.json`` without any change it reads (:func:`config_changes`)."""
     if done.get("fingerprint") == fingerprint(run.config):
         return True
-    saved = read_saved_config(run.workdir)
-    if saved is None:
-        return False
-    allowed, refused = config_lib.resume_changes(saved, run.config)
-    return not allowed and not refused
+    return config_changes(run) == []
+
+
+def run_state(run: Run) -> tuple[str, str]:
+    """``(state, detail)`` of a planned run's workdir: ``"finished"`` (skipped), ``"resume"``
+    (a checkpoint, same settings), ``"train"`` (nothing there yet) or ``"conflict"`` (it
+    finished, or is checkpointed, with other settings: ``detail`` says which)."""
+    done = read_done(run.workdir)
+    if done is not None:
+        if same_finished_config(run, done):
+            return "finished", ""
+        changes = config_changes(run)
+        detail = (
+            "; ".join(changes)
+            if changes
+            else f"fingerprint {done.get('fingerprint')} != {fingerprint(run.config)}"
+        )
+        return "conflict", f"finished with another config ({detail})"
+    folder = os.path.join(run.workdir, CHECKPOINT_DIR)
+    if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
+        saved = read_saved_config(run.workdir)
+        refused = [] if saved is None else config_lib.resume_changes(saved, run.config)[1]
+        if refused:  # what the trainer would refuse to resume
+            diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
+            return "conflict", f"checkpointed with other settings ({diff})"
+        return "resume", ""
+    return "train", ""
+
+
+def _ffn_given(study: Study, overrides: Mapping[str, Any]) -> dict[str, set[str]]:
+    """Per FFN kind, the fields set on purpose: by ``overrides`` or by the study's base
+    (where it differs from :func:`base_config`)."""
+    preset, defaults = study.base(), config_lib.base_config()
+    given = {
+        kind: {f for f in preset.model[kind] if preset.model[kind][f] != defaults.model[kind][f]}
+        for kind in FFN_CONFIGS
+    }
+    for key in overrides:
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "model" and parts[1] in FFN_CONFIGS:
+            given[parts[1]].add(parts[2])
+    return given
+
+
+def _check_overrides(
+    variants: Sequence[Variant], overrides: Mapping[str, Any], steps: int | None
+) -> None:
+    """Refuse settings the runner or a variant sets itself, and FFN groups of kinds the
+    sweep does not train (before anything is sized)."""
+    kinds = sorted({v.kind for v in variants})
+    for key, value in overrides.items():
+        given = f"--set {key}={value!r}"
+        if key in RUNNER_OWNED:
+            raise ValueError(f"{given}: {RUNNER_OWNED[key]}.")
+        if key == "num_train_steps" and steps is not None:
+            raise ValueError(f"{given}: --steps {steps} sets it too; give one of them.")
+        parts = key.split(".")
+        group = parts[1] if len(parts) >= 2 and parts[0] == "model" else None
+        if group in FFN_CONFIGS and group not in kinds:
+            raise ValueError(
+                f"{given}: no run of this sweep has a {group} FFN (its FFN kinds: "
+                f"{', '.join(kinds)}); add {group} to --methods or drop the setting."
+            )
+        owners = [v.name for v in variants if key in _variant_keys(v)]
+        if owners:
+            raise ValueError(
+                f"{given}: variant(s) {', '.join(owners)} of this sweep set {key} themselves "
+                "(the ablation's axis); drop the --set or run without --ablation."
+            )
+
+
+def _variant_keys(variant: Variant) -> set[str]:
+    """The config keys ``variant`` sets itself after sizing."""
+    group = f"model.{variant.kind}"
+    keys = set(variant.overrides) | {f"{group}.{f}" for f in variant.ffn}
+    if variant.match_active is not None:  # sizes hidden_dim to a reference of these fields
+        keys |= {f"{group}.hidden_dim"} | {f"{group}.{f}" for f in variant.match_active}
+    return keys
 
 
 def plan(
@@ -305,16 +473,74 @@ def plan(
     steps: int | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> list[Run]:
-    """Every run of the sweep, seeds outermost so a partial sweep has every method."""
-    base = study.base()
-    for key, value in (overrides or {}).items():
+    """Every run of the sweep, seeds outermost so a partial sweep has every method.
+
+    ``overrides`` (dotted key -> value, ``dsc-compare --set``) apply to the study's base
+    config before the FFNs are sized; see the module docstring for what is refused.
+
+    Raises:
+      ValueError: a refused setting or bad value, or FFN targets no size fits (one line).
+    """
+    overrides = dict(overrides or {})
+    _check_overrides(variants, overrides, steps)
+    study_base, base = study.base(), study.base()
+    for key, value in overrides.items():
         _set(base, key, value)
+    given = _ffn_given(study, overrides)
+    read_by = dict.fromkeys(overrides, False)
     runs = []
     for seed in seeds:
         for v in variants:
-            cfg, sizes = method_config(study, base, v, seed, steps)
-            runs.append(Run(v, seed, os.path.join(results, f"{v.name}_seed{seed}"), cfg, sizes))
+            # the other kinds' groups as the study has them: a setting of the moe group must
+            # not make a DSC run invalid (it is validated, but not read, there)
+            own = ml_collections.ConfigDict(base.to_dict())
+            for kind in FFN_CONFIGS:
+                if kind != v.kind:
+                    own.model[kind] = ml_collections.ConfigDict(study_base.model[kind].to_dict())
+            try:
+                cfg, sizes = method_config(study, own, v, seed, steps, given)
+            except ValueError as err:
+                if not overrides:
+                    raise
+                text = str(err)  # "model.moe: ..." names the run already
+                owner = "" if text.startswith(f"model.{v.name}:") else f"{v.name}: "
+                given = " ".join(f"--set {k}={x!r}" for k, x in overrides.items())
+                raise ValueError(f"{owner}{text} [{given}]") from None
+            unread = config_lib.unread_settings(cfg)
+            settings = {}
+            for key in overrides:
+                if config_lib.is_unread(key, unread):  # this run keeps the study's value
+                    _set(cfg, key, _get(study_base, key))
+                else:
+                    settings[key], read_by[key] = _get(cfg, key), True
+            workdir = os.path.join(results, f"{v.name}_seed{seed}")
+            runs.append(Run(v, seed, workdir, cfg, sizes, settings))
+    for key, read in read_by.items():
+        if not read and runs:
+            reason = config_lib.unread_reason(key, config_lib.unread_settings(runs[0].config))
+            raise ValueError(
+                f"--set {key}={overrides[key]!r}: no run of this sweep reads it ({reason})."
+            )
     return runs
+
+
+def describe(run: Run) -> str:
+    """One line of a planned variant: its FFN's effective sizes and every field off the
+    defaults, the parameter counts, and the targets the given sizes left unfitted."""
+    kind = run.variant.kind
+    defaults = FFN_CONFIGS[kind]().to_dict()
+    ffn = run.sizes["ffn"]
+    fields = [
+        f"{k}={v!r}" for k, v in ffn.items() if k in SIZED_FIELDS[kind] or v != defaults.get(k)
+    ]
+    line = (
+        f"{run.variant.name}: {kind} {' '.join(fields)} | total "
+        f"{run.sizes['total_params']:,} active {run.sizes['active_params']:,}"
+    )
+    for target in run.sizes.get("unfitted", ()):
+        got, want = run.sizes[f"budget_{target}_params"], run.sizes[f"target_{target}_params"]
+        line += f" | {target} not fitted (sizes given): {got:,} vs target {want:,}"
+    return line
 
 
 def _fmt_time(seconds: float) -> str:
@@ -330,35 +556,30 @@ def execute(runs: Sequence[Run], log=print) -> dict[str, int]:
     counts = {"trained": 0, "skipped": 0, "interrupted": 0}
     start, durations = time.time(), []
     for i, run in enumerate(runs):
-        done = read_done(run.workdir)
-        fp = fingerprint(run.config)
-        if done is not None and same_finished_config(run, done):
+        state, detail = run_state(run)
+        if state == "finished":
             counts["skipped"] += 1
             log(f"[dsc-compare] skip finished run {run.workdir}")
         else:
-            if done is not None:
-                raise ValueError(
-                    f"{run.workdir} finished with another config (fingerprint "
-                    f"{done.get('fingerprint')} != {fp}); use another --results folder."
-                )
+            if state == "conflict":
+                raise ValueError(f"{run.workdir} {detail}; use another --results folder.")
             t0 = time.time()
-            resumed = os.path.exists(os.path.join(run.workdir, CHECKPOINT_DIR))
-            log(f"[dsc-compare] {'resume' if resumed else 'train'} {run.workdir}")
+            log(f"[dsc-compare] {state} {run.workdir}")
             result = train_and_evaluate(run.config, run.workdir)
             if result["status"] != "completed":
                 counts["interrupted"] += 1
                 log(f"[dsc-compare] interrupted at step {result['step']}: rerun to resume")
                 break
+            done = {
+                "fingerprint": fingerprint(run.config),
+                "step": result["step"],
+                "final": result["final"],
+                "seconds": time.time() - t0,
+            }
+            if run.settings:  # the --set values this run read
+                done["settings"] = run.settings
             with open(os.path.join(run.workdir, DONE_FILE), "w") as f:
-                json.dump(
-                    {
-                        "fingerprint": fp,
-                        "step": result["step"],
-                        "final": result["final"],
-                        "seconds": time.time() - t0,
-                    },
-                    f,
-                )
+                json.dump(done, f, default=str)
             counts["trained"] += 1
             durations.append(time.time() - t0)
         left = len(runs) - i - 1

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dsc_jax import paper
+from dsc_jax.layers import moe
 from dsc_jax.layers.dense import DenseFFN
 from dsc_jax.layers.dsc import DEFAULT_BANK_RADIUS, DSCLayer
 from dsc_jax.layers.moe import MoELayer
@@ -92,8 +93,8 @@ class MoEConfig(_FFNConfig):
     top_k: int = paper.MOE_TOP_K
     hidden_dim: int = paper.MOE_HIDDEN
     dispatch: str = "auto"
-    capacity_factor: float = 1.25
-    tile_size: int = 256
+    capacity_factor: float = moe.DEFAULT_CAPACITY_FACTOR
+    tile_size: int = moe.DEFAULT_TILE_SIZE
     jitter_std: float = paper.MOE_JITTER_STD
     out_init_std: float | None = None
 

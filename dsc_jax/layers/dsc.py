@@ -101,7 +101,8 @@ class DSCLayer(nn.Module):
         sub-key table's usage (``O(N·√M)``); ``"joint"`` balances the ``M`` atoms' mean
         probabilities like the flat router's loss; ``"selection"`` is Switch-style
         ``M Σ_j f_j P_j`` on the atoms' top-K pick fractions ``f`` (both ``O(N·M)`` FLOPs, no
-        ``[N, M]`` array; see :mod:`dsc_jax.layers.dsc_product_key`).
+        ``[N, M]`` array; see :mod:`dsc_jax.layers.dsc_product_key`). With the flat router
+        it must stay ``"marginal"`` (another value would be ignored).
       frame_regularizer: sow the frame loss (``O(M d²)`` FLOPs per call, independent of the
         token count: at M=65,536, d=384 about 39 GFLOP forward; turn it off at large M).
       dropout_rate: dropout on the output when ``deterministic=False``.
@@ -163,6 +164,11 @@ class DSCLayer(nn.Module):
             raise ValueError(
                 f"{name}.product_key_rows={self.product_key_rows} is invalid with "
                 "router='flat'; expected 0."
+            )
+        elif self.product_key_aux != PRODUCT_KEY_AUX[0]:
+            raise ValueError(
+                f"{name}.product_key_aux={self.product_key_aux!r} is only read with "
+                f"router='product_key' (router='flat'); expected {PRODUCT_KEY_AUX[0]!r}."
             )
         _checks.check_positive_float(name, "tau", self.tau)
         _checks.check_positive_float(name, "eps", self.eps)

@@ -46,6 +46,8 @@ from dsc_jax.layers.common import (
 )
 
 DISPATCH_MODES = ("auto", "dense", "dropless", "sorted", "capacity")
+DEFAULT_CAPACITY_FACTOR = 1.25  # read by dispatch="capacity" only
+DEFAULT_TILE_SIZE = 256  # read by dispatch="sorted" (and "auto", which may pick it) only
 
 # "auto" on accelerators picks "dense" (every expert on every token: E/k times the routed
 # FLOPs, in plain batched matmuls) when E/k is at most this, else "dropless" (``ragged_dot``,
@@ -113,8 +115,10 @@ class MoELayer(nn.Module):
       hidden_dim: hidden width ``H_e`` of each expert.
       dispatch: ``"auto"`` (default: ``"dense"`` or ``"dropless"``, see
         :func:`resolve_dispatch`), ``"dense"``, ``"dropless"`` or ``"capacity"``.
-      capacity_factor: ``"capacity"`` mode only; ``C = ceil(capacity_factor · N · k / E)``.
-      tile_size: ``"sorted"`` mode only; rows per tile (each tile holds one expert's slots).
+      capacity_factor: ``"capacity"`` mode only; ``C = ceil(capacity_factor · N · k / E)``
+        (another value with another dispatch raises: it would be ignored).
+      tile_size: ``"sorted"`` mode only (and ``"auto"``, which may pick it); rows per tile
+        (each tile holds one expert's slots; another value with another dispatch raises).
       jitter_std: std of the Gaussian noise added to the router logits in training.
       dropout_rate: dropout on the output when ``deterministic=False``.
       init_std: std of ``expert_in`` and the router kernel (spec: 0.02).
@@ -137,8 +141,8 @@ class MoELayer(nn.Module):
     top_k: int
     hidden_dim: int
     dispatch: str = "auto"
-    capacity_factor: float = 1.25
-    tile_size: int = 256
+    capacity_factor: float = DEFAULT_CAPACITY_FACTOR
+    tile_size: int = DEFAULT_TILE_SIZE
     jitter_std: float = paper.MOE_JITTER_STD
     dropout_rate: float = 0.0
     init_std: float = paper.INIT_STD
@@ -154,6 +158,18 @@ class MoELayer(nn.Module):
         check_choice(owner, "dispatch", self.dispatch, DISPATCH_MODES)
         check_positive_float(owner, "capacity_factor", self.capacity_factor)
         check_positive_int(owner, "tile_size", self.tile_size)
+        if self.dispatch != "capacity" and self.capacity_factor != DEFAULT_CAPACITY_FACTOR:
+            raise ValueError(
+                f"{owner}.capacity_factor={self.capacity_factor!r} is only read with "
+                f"dispatch='capacity' (dispatch={self.dispatch!r}); set dispatch='capacity' or "
+                f"leave capacity_factor at {DEFAULT_CAPACITY_FACTOR}."
+            )
+        if self.dispatch not in ("auto", "sorted") and self.tile_size != DEFAULT_TILE_SIZE:
+            raise ValueError(
+                f"{owner}.tile_size={self.tile_size!r} is only read with dispatch='sorted' or "
+                f"'auto' (dispatch={self.dispatch!r}); change the dispatch or leave tile_size "
+                f"at {DEFAULT_TILE_SIZE}."
+            )
         check_positive_float(owner, "jitter_std", self.jitter_std, allow_zero=True)
         super().__post_init__()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -16,7 +17,7 @@ import ml_collections
 from dsc_jax import paper
 from dsc_jax._checks import check_choice, check_positive_float, check_positive_int
 from dsc_jax.bank import BANK_PROJECTIONS
-from dsc_jax.data.config import default_data_config, validate_data_config
+from dsc_jax.data.config import default_data_config, unread_keys, validate_data_config
 from dsc_jax.layers.configs import FFN_CONFIGS, ffn_config
 from dsc_jax.layers.losses import LossWeights
 from dsc_jax.models.gpt import GPTConfig
@@ -184,6 +185,13 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
     return cfg
 
 
+def run_record(config: ml_collections.ConfigDict, vocab_size: int | None) -> dict[str, Any]:
+    """What the trainer writes to ``WORKDIR/config.json``: ``config`` as given and ``model``,
+    the :class:`GPTConfig` it builds (:func:`model_config`: vocabulary and context resolved,
+    the ``model.<model.ffn>`` group as the FFN)."""
+    return {"config": config.to_dict(), "model": model_config(config, vocab_size).to_dict()}
+
+
 def _validate_optim(optim: Any, num_train_steps: int) -> None:
     owner = "optim"
     _check_keys(owner, _as_dict(optim), default_optim_config().to_dict())
@@ -276,6 +284,91 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _validate_mesh(config.mesh)
 
 
+def unread_settings(config: Any) -> dict[str, str]:
+    """The settings of a (valid) config that its run does not read, as ``{key: reason}``.
+
+    A key is a dotted leaf (``"bank_projection"``) or a whole group (``"model.moe"``: every
+    key under it). Most follow from the FFN kind: only the ``model.<model.ffn>`` group is
+    built; ``bank_projection`` and the ``budget``/``frame`` regularisers act on DSC layers only
+    (``losses.frame`` also needs ``model.dsc.frame_regularizer``); a dense FFN has no router
+    (``router_lr_multiplier``, ``losses.aux``, ``losses.z``). The data keys are
+    :func:`dsc_jax.data.config.unread_keys` (``data.paths`` unless the source is
+    ``text_files``, ...). Their values cannot change what the run computes, so:
+
+    * :func:`read_settings` (a finished run's fingerprint) and :func:`resume_changes` (resume,
+      reuse of a finished run) leave them out: a MoE run is the same run whatever its unused
+      ``model.dsc`` group holds, also a group written by older code with fields since renamed;
+    * ``dsc-train`` refuses them as ``--config.KEY=VALUE`` overrides and ``dsc-compare`` as
+      ``--set`` (a setting given there is meant to take effect); a config file may hold them
+      (e.g. ``configs/tiny.py`` with ``--config.model.ffn=moe`` keeps its ``model.dsc``
+      sizes), and the trainer logs those that differ from the defaults
+      (:func:`unread_changes`). Refusing config-file values instead would break that use and
+      the resumption of runs saved with such files.
+    """
+    plain = plain_config(config)
+    model, out = plain["model"], {}
+    kind = model.get("ffn")
+    if kind in FFN_CONFIGS:
+        for other in FFN_CONFIGS:
+            if other != kind:
+                out[f"model.{other}"] = f"model.ffn={kind!r} builds model.{kind} only"
+        if kind != "dsc":
+            reason = f"it acts on DSC layers only (model.ffn={kind!r})"
+            for key in ("bank_projection", "losses.budget", "losses.frame"):
+                out[key] = reason
+        elif not model["dsc"].get("frame_regularizer", True):
+            out["losses.frame"] = "model.dsc.frame_regularizer=False: no frame loss"
+        if kind == "dense":
+            reason = "a dense FFN has no router (model.ffn='dense')"
+            for key in ("router_lr_multiplier", "losses.aux", "losses.z"):
+                out[key] = reason
+    out.update({f"data.{key}": reason for key, reason in unread_keys(plain["data"]).items()})
+    return out
+
+
+def unread_reason(key: str, unread: Mapping[str, str]) -> str | None:
+    """Why the dotted ``key`` is not read, when it is (under) one of the ``unread`` keys
+    (:func:`unread_settings`); else ``None``."""
+    for prefix, reason in unread.items():
+        if key == prefix or key.startswith(prefix + "."):
+            return reason
+    return None
+
+
+def is_unread(key: str, unread: Mapping[str, str]) -> bool:
+    """Whether the dotted ``key`` is (under) one of the :func:`unread_settings` keys."""
+    return unread_reason(key, unread) is not None
+
+
+def read_settings(config: Any) -> dict[str, Any]:
+    """``config`` as JSON types without its :func:`unread_settings`: what the run reads."""
+    unread = unread_settings(config)
+
+    def keep(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in tree.items():
+            path = prefix + key
+            if is_unread(path, unread):
+                continue
+            out[key] = keep(value, path + ".") if isinstance(value, dict) and value else value
+        return out
+
+    return keep(plain_config(config), "")
+
+
+def unread_changes(config: Any) -> list[tuple[str, Any, str]]:
+    """``(key, value, reason)`` for every leaf that differs from :func:`base_config` and is
+    not read by the run (:func:`unread_settings`), keys sorted."""
+    unread = unread_settings(config)
+    values, defaults = _flatten(plain_config(config)), _flatten(plain_config(base_config()))
+    out = []
+    for key, value in sorted(values.items()):
+        reason = unread_reason(key, unread)
+        if reason is not None and defaults.get(key, _ABSENT) != value:
+            out.append((key, value, reason))
+    return out
+
+
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
     """Sequences per validation batch (``eval_batch_size``, or the micro-batch size if 0)."""
     return config.eval_batch_size or config.batch_size // config.micro_batches
@@ -333,15 +426,20 @@ def resume_changes(
     """Differences between a saved config (``config.json``) and ``config``.
 
     A key the saved config lacks (added to the code since) counts as unchanged when the new
-    value is :func:`base_config`'s default.
+    value is :func:`base_config`'s default. Settings the run does not read
+    (:func:`unread_settings` of ``config``, e.g. the ``model.dsc`` group of a MoE run) are
+    not compared: they may differ, or exist on one side only.
 
     Returns:
       ``(allowed, refused)``: ``(key, old, new)`` triples, keys sorted.
     """
     old, new = _flatten(saved), _flatten(plain_config(config))
     defaults = _flatten(plain_config(base_config()))
+    unread = unread_settings(config)
     allowed, refused = [], []
     for key in sorted(set(old) | set(new)):
+        if is_unread(key, unread):
+            continue
         before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if before == after or (before is _ABSENT and defaults.get(key, _ABSENT) == after):
             continue

@@ -431,6 +431,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       NonFiniteLossError: the training loss or the state became NaN/Inf (names the step).
     """
     config_lib.validate_config(config)
+    unread = config_lib.unread_changes(config)
+    if unread:  # from a config file (dsc-train refuses them as --config.KEY overrides)
+        logging.warning(
+            "settings this run does not read (kept in config.json, no effect): %s",
+            "; ".join(f"{key}={value!r} ({reason})" for key, value, reason in unread),
+        )
     workdir = os.path.abspath(os.path.expanduser(workdir))
     lock = prepare_workdir(config, workdir)
     try:
@@ -443,9 +449,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         try:
             state, rng, restored = restore_or_start(run, checkpointer)
             if jax.process_index() == 0:  # every check passed: now the run is ours
-                workdir_lib.write_config(
-                    workdir, {"config": config.to_dict(), "model": run.model_cfg.to_dict()}
-                )
+                record = config_lib.run_record(config, run.bundle.vocab_size)
+                workdir_lib.write_config(workdir, record)
             _log_summary(run)
             result = train_loop(run, checkpointer, state, rng, restored)
         except BaseException:
