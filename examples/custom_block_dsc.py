@@ -123,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
         if "basis_" in jax.tree_util.keystr(path)
     ]
-    norm_error = max(float(jnp.max(jnp.abs(jnp.linalg.norm(b, axis=-1) - 1))) for b in banks)
+    radius = dsc_jax.bank.DEFAULT_BANK_RADIUS  # the layer's and bank_retraction()'s
+    norm_error = max(
+        float(jnp.max(jnp.abs(jnp.linalg.norm(b, axis=-1) / radius - 1))) for b in banks
+    )
     print(f"bank rows: max | ||u|| - 1 | = {norm_error:.1e} over {len(banks)} bank matrices")
     return {"first_loss": losses[0], "final_loss": losses[-1], "bank_norm_error": norm_error}
 

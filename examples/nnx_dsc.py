@@ -112,7 +112,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             print(f"step {step}: cross-entropy {losses[-1]:.4f} | weighted regularisers: {regs}")
 
     banks = [block.ffn.basis_u[...] for block in model.blocks]
-    norm_error = max(float(jnp.max(jnp.abs(jnp.linalg.norm(b, axis=-1) - 1))) for b in banks)
+    radius = dsc_jax.bank.DEFAULT_BANK_RADIUS  # the layer's and bank_retraction()'s
+    norm_error = max(
+        float(jnp.max(jnp.abs(jnp.linalg.norm(b, axis=-1) / radius - 1))) for b in banks
+    )
     print(f"bank rows: max | ||u|| - 1 | = {norm_error:.1e}; train step traced {len(traces)}x")
     return {
         "first_loss": losses[0],

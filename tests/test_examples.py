@@ -39,7 +39,7 @@ def test_vit_dsc(capsys):
 def test_custom_block_dsc(capsys):
     result = load_example("custom_block_dsc").main(["--steps=3", "--batch_size=4", "--seq_len=16"])
     assert math.isfinite(result["final_loss"])
-    assert result["bank_norm_error"] < 1e-5  # bank_retraction kept the rows unit
+    assert result["bank_norm_error"] < 1e-5  # bank_retraction kept the rows at bank_radius
     assert "weighted regularisers" in capsys.readouterr().out
 
 
