@@ -194,8 +194,17 @@ def config_file_error(err: BaseException, argv: Sequence[str]) -> str | None:
     return f"cannot load --config {path}, line {frames[-1].lineno}: {type(err).__name__}: {err}"
 
 
+def block_stop_signals() -> None:
+    """Hold SIGINT/SIGTERM until the trainer's handler takes them (it unblocks them): a
+    Ctrl-C while JAX and its extensions are imported would otherwise interrupt an import
+    (a traceback, an abort, or a KeyboardInterrupt swallowed by the import machinery and
+    lost). ``train.py`` calls it before importing anything else."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def run() -> None:
     """Console-script entry point (``dsc-train``)."""
+    block_stop_signals()
     define_flags()
     # Left behind by orbax when a background save fails and its threads are released.
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited")

@@ -16,8 +16,9 @@
 4. The final save, and :meth:`Checkpointer.close` which surfaces a failed background save.
 
 Signals (:class:`StopFlag`, installed for the whole call): during start-up the first
-SIGINT/SIGTERM raises :class:`Interrupted` (nothing to save yet; never lost, even if a library
-swallows the exception); during the loop it saves after the current step, then stops.
+SIGINT/SIGTERM is recorded and raised as :class:`Interrupted` at the end of the current
+start-up phase (nothing to save yet; never lost); during the loop it saves after the current
+step, then stops. A second signal ends the process at once.
 
 Step numbering: ``step`` in metrics and checkpoints counts completed optimiser updates; the
 update that turns ``state.step = s - 1`` into ``s`` is "step ``s``". Logging happens at step
@@ -45,7 +46,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -101,15 +102,16 @@ class StopFlag:
     """What SIGTERM/SIGINT do, from start-up to the last step; a second signal always ends
     the process at once with status 128 + signal number, without saving.
 
-    * Start-up (``interrupt=True``, until :meth:`start_training`): nothing needs saving yet,
-      so the first signal raises :class:`Interrupted` in the main thread at once, except
-      inside :meth:`critical` sections (which move or write run files), where it is raised
-      when the section ends. It is also remembered: if a library swallows the exception
-      (e.g. raised inside a callback from JAX's C++ code), :meth:`check` raises it again at
-      the next phase boundary, and :meth:`start_training` before the first step. A signal is
-      never lost.
+    * Start-up (``interrupt=True``, until :meth:`start_training`): nothing needs saving yet;
+      the signal is recorded (one warning line) and :meth:`check`, called between start-up
+      phases, raises :class:`Interrupted`. The handler itself never raises: an exception
+      raised asynchronously inside an import or a callback from C++ code (JAX, TensorStore)
+      is swallowed there, or aborts the process, so a signal could be lost.
     * Training: ``flag.requested = "SIGTERM"``; the loop saves after the current step, then
       stops.
+
+    Entering the flag unblocks its signals (the command-line tools block them while they
+    import, so that a signal waits for the handler instead of interrupting an import).
 
     The second signal is also seen by a watchdog thread through :func:`signal.set_wakeup_fd`:
     Python runs signal handlers only in the main thread between bytecodes, so a main thread
@@ -123,9 +125,9 @@ class StopFlag:
         self.requested: str | None = None
         self._signum: int | None = None
         self._interrupt = interrupt
-        self._critical = 0
         self._signals = signals
         self._previous: dict[int, Any] = {}
+        self._previous_mask: set[int] | None = None
         self._count = 0
         self._pipe: tuple[int, int] | None = None
         self._old_wakeup_fd = -1
@@ -138,9 +140,12 @@ class StopFlag:
         self.requested = signal.Signals(signum).name
         self._signum = signum
         if self._interrupt:
-            if not self._critical:
-                raise Interrupted(signum)
-            return  # raised when the critical section ends
+            logging.warning(
+                "%s received during start-up: stopping when the current start-up step ends "
+                "(send it again to stop at once)",
+                self.requested,
+            )
+            return
         logging.warning(
             "%s received: saving a checkpoint after this step, then stopping (send it again "
             "to stop at once without saving)",
@@ -150,19 +155,8 @@ class StopFlag:
     def check(self) -> None:
         """Raise :class:`Interrupted` if a signal arrived during start-up (a no-op in the
         training phase, where the loop acts on :attr:`requested`)."""
-        if self._interrupt and self._signum is not None and not self._critical:
+        if self._interrupt and self._signum is not None:
             raise Interrupted(self._signum)
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        """During start-up: a signal inside is raised as :class:`Interrupted` only when the
-        block ends (so a lock is never left half-taken or a run half moved aside)."""
-        self._critical += 1
-        try:
-            yield
-        finally:
-            self._critical -= 1
-        self.check()
 
     def start_training(self) -> None:
         """Leave start-up: raise a pending start-up signal, then save-then-stop on signals."""
@@ -190,6 +184,7 @@ class StopFlag:
         except ValueError:  # not the main thread: signals cannot be caught here
             self._previous.clear()
             return self
+        self._previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signals)
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         self._old_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -201,6 +196,11 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._previous_mask is not None:
+            blocked = [sig for sig in self._signals if sig in self._previous_mask]
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            self._previous_mask = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -320,25 +320,26 @@ def prepare_workdir(
         record of another run and no checkpoint.
       ValueError: the saved run's settings differ in a key that may not change.
     """
-    critical = stop.critical if stop is not None else contextlib.nullcontext
-    is_main = jax.process_index() == 0  # may start the backend: seconds, not critical
+    is_main = jax.process_index() == 0
+    if stop is not None:
+        stop.check()  # starting the backend may take seconds
     lock = workdir_lib.WorkdirLock(workdir)
     try:
         locked_elsewhere = None
         if is_main:
-            with critical():
-                try:
-                    lock.acquire()
-                except workdir_lib.WorkdirLockedError as err:
-                    locked_elsewhere = err
+            try:
+                lock.acquire()
+            except workdir_lib.WorkdirLockedError as err:
+                locked_elsewhere = err
         if _agree_across_processes(locked_elsewhere is not None):
             raise locked_elsewhere or workdir_lib.WorkdirLockedError(
                 f"workdir {workdir} is in use by another run (see process 0's message)."
             )
         set_aside = _check_earlier_run(config, workdir)
+        if stop is not None:
+            stop.check()  # before anything is moved
         if set_aside and is_main:
-            with critical():
-                workdir_lib.abandon(workdir)
+            workdir_lib.abandon(workdir)
         if jax.process_count() > 1:  # the others read the workdir after process 0 moved it
             multihost_utils.sync_global_devices("dsc_jax_prepare_workdir")
         workdir_lib.check_writable(workdir)
@@ -588,7 +589,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run's record but no checkpoint, or its lock was lost mid-run.
       StorageError: a file of the run (lock, ``config.json``, metrics, TensorBoard) could
         not be written.
-      Interrupted: SIGINT/SIGTERM before the training loop began.
+      Interrupted: SIGINT/SIGTERM before the training loop began (raised at the end of the
+        start-up phase it arrived in).
       UnreadableCheckpointsError: checkpoints exist but none can be read.
       CheckpointWriteError: a checkpoint could not be written (the last good one is kept).
       DataSetupError: the data could not be built.
@@ -611,10 +613,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 state, rng, restored = restore_or_start(run, checkpointer)
                 stop.check()
                 if jax.process_index() == 0:  # every check passed: now the run is ours
-                    with stop.critical():
-                        workdir_lib.write_config(
-                            workdir, {"config": config.to_dict(), "model": run.model_cfg.to_dict()}
-                        )
+                    workdir_lib.write_config(
+                        workdir, {"config": config.to_dict(), "model": run.model_cfg.to_dict()}
+                    )
                 _log_summary(run)
                 result = train_loop(run, checkpointer, state, rng, restored, stop=stop, lock=lock)
             except BaseException:
