@@ -32,7 +32,7 @@ import pytest
 from dsc_jax.train import steps
 from dsc_jax.train.checkpointing import CheckpointWriteError, UnreadableCheckpointsError
 from dsc_jax.train.metrics import MetricsWriter, read_metrics
-from dsc_jax.train.trainer import NonFiniteStateError, train_and_evaluate
+from dsc_jax.train.trainer import Interrupted, NonFiniteStateError, StopFlag, train_and_evaluate
 from dsc_jax.train.workdir import (
     WorkdirError,
     WorkdirLock,
@@ -663,3 +663,116 @@ def test_dangling_symlink_workdir_is_one_line(tmp_path, cache_dir):
         "does not exist" in result.stderr
     ), result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- Start-up: Ctrl-C, a broken config file ----------------------------------------------------
+
+
+# Ctrl-C at any moment: 130 and one line, never a traceback and never lost; during training
+# after the checkpoint of the current step.
+@pytest.mark.parametrize("moment", ["imports", "start-up", "training"])
+def test_ctrl_c_at_any_moment_exits_130_with_one_line(tmp_path, cache_dir, moment):
+    workdir = str(tmp_path / "run")
+    proc = start_process(
+        train_cmd(workdir, DECAY, cache_dir, "--config.checkpoint_every_steps=0"), env()
+    )
+    try:
+        if moment == "imports":
+            time.sleep(1.0)  # importing JAX and dsc_jax takes seconds
+        elif moment == "start-up":  # the workdir is locked: data, model, compilation follow
+            deadline = time.time() + 120
+            while not os.path.exists(os.path.join(workdir, ".lock")) and time.time() < deadline:
+                time.sleep(0.01)
+        else:
+            wait_for_step(proc, workdir, 2)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        output = stop(proc) if proc.poll() is None else output
+    assert proc.returncode == 128 + signal.SIGINT, output
+    assert "Traceback" not in output and "completed at step" not in output, output
+    [line] = [line for line in output.splitlines() if line.startswith("dsc-train:")]
+    if moment == "training":
+        assert "stopped by SIGINT after step" in line, line
+        assert [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    else:
+        assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+# A start-up signal is recorded, never raised inside whatever code runs (an import or a C++
+# callback would swallow it), and raised between start-up phases.
+def test_start_up_signal_is_recorded_then_raised_between_phases():
+    with StopFlag(interrupt=True) as stop:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # what an import or a callback would swallow
+            pytest.fail("the handler raised inside arbitrary code")
+        assert stop.requested == "SIGINT"
+        with pytest.raises(Interrupted) as info:
+            stop.check()
+        assert info.value.exit_status == 130
+        with pytest.raises(Interrupted):
+            stop.start_training()
+
+
+@pytest.mark.parametrize(
+    ("source", "want"),
+    [
+        ("def get_config(:\n    pass\n", "line 1: invalid syntax"),
+        ("import os\n\n\ndef get_config():\n    return 1 / 0\n", "line 5: ZeroDivisionError"),
+    ],
+)
+def test_broken_config_file_is_one_line_naming_the_file_and_line(tmp_path, source, want):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    result = subprocess.run(
+        [sys.executable, "train.py", f"--config={path}", f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"dsc-train: error: cannot load --config {path}, {want}"), line
+
+
+# --- Noise: a fallback is one warning line ---------------------------------------------------
+
+
+def test_fallback_from_an_unreadable_checkpoint_is_one_short_line(finished_run, tmp_path, capfd):
+    workdir = copy_run(finished_run, tmp_path)
+    state = os.path.join(workdir, "checkpoints", "8", "state")
+    for folder, _, files in os.walk(state):
+        for name in files:
+            if os.path.basename(folder) == "d":  # every array chunk of the newest checkpoint
+                open(os.path.join(folder, name), "w").close()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            f"--workdir={workdir}",
+            "--prompt=def ",
+            "--max_new_tokens=2",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{workdir} step 4:" in result.stderr  # fell back to checkpoint 4
+    [warning] = [line for line in result.stderr.splitlines() if "does not restore" in line]
+    assert len(warning) < 600 and "checkpoints/8/state" in warning, warning  # not 2,000+
+    assert "Event loop is closed" not in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 2, result.stderr  # the warning, timings
+
+    from dsc_jax.loading import load_model
+
+    capfd.readouterr()
+    assert load_model(workdir).step == 4  # the library: no noise either
+    assert "Event loop is closed" not in capfd.readouterr().err
