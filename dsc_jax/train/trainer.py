@@ -66,7 +66,7 @@ from dsc_jax.train import config as config_lib
 from dsc_jax.train import diagnostics, steps
 from dsc_jax.train import workdir as workdir_lib
 from dsc_jax.train.checkpointing import Checkpointer, Restored, newest_run_config
-from dsc_jax.train.metrics import MetricsWriter
+from dsc_jax.train.metrics import MetricsWriter, read_metrics
 from dsc_jax.train.optim import make_optimizer
 from dsc_jax.train.state import TrainState, abstract_train_state, init_train_state
 
@@ -732,6 +732,7 @@ def _train_loop(
     try:
         if start_step >= total:
             logging.info("nothing to do: step %d >= num_train_steps %d", start_step, total)
+            last_record = _logged_record(run.workdir, start_step)
         for step in range(start_step + 1, total + 1):
             batch = shard_batch(next(bundle.train), mesh)
             state, metrics = train_step(state, batch, rng)
@@ -790,6 +791,19 @@ def _train_loop(
     if status == "interrupted":
         result["signal"] = stop.requested
     return result
+
+
+def _logged_record(workdir: str, step: int) -> dict[str, Any]:
+    """The metrics logged at ``step`` (without ``"step"``), or ``{}``: what a run that has
+    nothing left to do reports as its final metrics."""
+    try:
+        records = read_metrics(workdir)
+    except OSError:
+        return {}
+    for record in reversed(records):
+        if isinstance(record, dict) and record.get("step") == step:
+            return {k: v for k, v in record.items() if k != "step"}
+    return {}
 
 
 def shard_batch_spec(mesh: Any) -> NamedSharding:
