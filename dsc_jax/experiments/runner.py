@@ -225,14 +225,14 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_warned_done: set[str] = set()
+_warned_done: set[tuple[str, int, int]] = set()  # (path, mtime, size): one warning per damage
 
 
 def read_done(workdir: str) -> dict[str, Any] | None:
     """The finished run's record (``done.json``), or ``None``: absent, or unreadable (empty,
-    truncated, not a JSON object), which counts as unfinished with one warning per file (the
-    run resumes from its last checkpoint, which is the final one, and the record is written
-    again)."""
+    truncated, not a JSON object), which counts as unfinished with one warning per damaged
+    file (the run resumes from its last checkpoint, which is the final one, and the record is
+    written again)."""
     path = os.path.join(workdir, DONE_FILE)
     if not os.path.exists(path):
         return None
@@ -243,8 +243,13 @@ def read_done(workdir: str) -> dict[str, Any] | None:
             raise ValueError(f"a JSON {type(done).__name__}, not an object")
         return done
     except (OSError, ValueError) as err:
-        if path not in _warned_done:
-            _warned_done.add(path)
+        try:
+            info = os.stat(path)
+            seen = (path, info.st_mtime_ns, info.st_size)
+        except OSError:
+            seen = (path, 0, 0)
+        if seen not in _warned_done:
+            _warned_done.add(seen)
             logger.warning(
                 "ignoring %s (%s: %s): treating the run as unfinished",
                 path,
