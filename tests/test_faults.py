@@ -609,6 +609,7 @@ def _tmpfs(folder: str, size: str) -> str:
         "read-only workdir of an earlier run",
         "new workdir under a read-only folder",
         "full disk: the lock file",
+        "full disk: config.json",
         "full disk: TensorBoard at the start",
         "disk fills mid-run: metrics or TensorBoard",
     ],
@@ -628,6 +629,10 @@ def test_storage_errors_are_one_line(mount_namespace, finished_run, tmp_path, ca
         workdir = str(tmp_path / "full")
         mounts = _tmpfs(workdir, "64k") + f"; head -c 1M /dev/zero > {workdir}/filler || true"
         want = f"cannot write the lock file {workdir}/.lock"
+    elif fault == "full disk: config.json":  # two pages: one for the lock, one for the probe
+        workdir = str(tmp_path / "small")
+        mounts, want = _tmpfs(workdir, "8k"), f"cannot write {workdir}/config.json"
+        extra = ["--config.name=" + "x" * 2000]  # a config.json of two pages
     elif fault == "full disk: TensorBoard at the start":  # room for the lock and config.json
         workdir = str(tmp_path / "small")
         mounts, want = _tmpfs(workdir, "8k"), f"cannot write {workdir}/tensorboard/events"
