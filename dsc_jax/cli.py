@@ -7,7 +7,8 @@ Configuration, data-setup and storage errors (a config file that does not load, 
 unwritable workdir, unreadable or unwritable checkpoints, any file of the run that cannot be
 written) are printed as one clear message (no traceback) with exit status 1; the process then
 exits within seconds even if a library thread is stuck. Ctrl-C exits with status 130 and one
-line: at once during start-up, after saving a checkpoint during training.
+line: during start-up when the current start-up phase ends, during training after saving a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def block_stop_signals() -> None:
     """Hold SIGINT/SIGTERM until the trainer's handler takes them (it unblocks them): a
     Ctrl-C while JAX and its extensions are imported would otherwise interrupt an import
     (a traceback, an abort, or a KeyboardInterrupt swallowed by the import machinery and
-    lost). ``train.py`` calls it before importing anything else."""
+    lost). ``train.py`` does the same before its first import."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 

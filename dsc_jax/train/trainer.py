@@ -153,10 +153,13 @@ class StopFlag:
         )
 
     def check(self) -> None:
-        """Raise :class:`Interrupted` if a signal arrived during start-up (a no-op in the
-        training phase, where the loop acts on :attr:`requested`)."""
-        if self._interrupt and self._signum is not None:
-            raise Interrupted(self._signum)
+        """Raise :class:`Interrupted` if a signal arrived during start-up, here or (multi-host:
+        every process calls it at the same points) on another process; a no-op in the
+        training phase, where the loop acts on :attr:`requested`."""
+        if not self._interrupt:
+            return
+        if _agree_across_processes(self._signum is not None):
+            raise Interrupted(self._signum if self._signum is not None else signal.SIGTERM)
 
     def start_training(self) -> None:
         """Leave start-up: raise a pending start-up signal, then save-then-stop on signals."""
