@@ -159,6 +159,28 @@ def test_interrupted_run_resumes(sweep, capsys):
     assert json.loads(lines[-1])["step"] == 6
 
 
+def test_plan_checks_a_checkpointed_run_against_its_checkpoints_settings(sweep, capsys):
+    """Without done.json and config.json, the settings recorded in the newest checkpoint
+    decide whether the run may resume (as the trainer checks them): a change is a conflict."""
+    workdir = sweep / "moe_seed1"
+    saved = {name: (workdir / name).read_bytes() for name in (runner.DONE_FILE, "config.json")}
+    try:
+        for name in saved:
+            (workdir / name).unlink()
+        args = [*ARGS, "--results", str(sweep.parent), "--plan"]
+        assert cli.main([*args, "--set", "optim.learning_rate=0.001"]) == 2
+        out = capsys.readouterr().out
+        assert (
+            f"{workdir}: checkpointed with other settings (optim.learning_rate: 0.003 -> 0.001)"
+            in out
+        ), out
+        assert cli.main(args) == 0
+        assert f"{workdir}: resume" in capsys.readouterr().out
+    finally:
+        for name, content in saved.items():
+            (workdir / name).write_bytes(content)
+
+
 @pytest.mark.parametrize("content", ["", '{"fingerprint": "0123'])
 def test_empty_or_truncated_done_json_counts_as_unfinished(sweep, capsys, caplog, content):
     """An unreadable done.json is one warning and an unfinished run (it resumes at its final

@@ -30,7 +30,11 @@ import jax.numpy as jnp
 import pytest
 
 from dsc_jax.train import steps
-from dsc_jax.train.checkpointing import CheckpointWriteError, UnreadableCheckpointsError
+from dsc_jax.train.checkpointing import (
+    CheckpointWriteError,
+    UnreadableCheckpointsError,
+    read_meta,
+)
 from dsc_jax.train.metrics import MetricsWriter, read_metrics
 from dsc_jax.train.trainer import Interrupted, NonFiniteStateError, StopFlag, train_and_evaluate
 from dsc_jax.train.workdir import (
@@ -555,6 +559,24 @@ def test_resume_is_checked_against_the_checkpoints_own_settings(
         assert "config.json of the run in" in caplog.text and "is missing" in caplog.text
         with open(path) as f:
             assert json.load(f)["config"]["optim"]["learning_rate"] == 0.003
+
+
+# Settings the run does not read (another FFN kind's group, another data source's keys) are
+# ignored by the checkpoint's check as by config.json's: they cannot change what it computes.
+def test_the_checkpoints_settings_check_ignores_unread_settings(finished_run, tmp_path, cache_dir):
+    workdir = copy_run(finished_run, tmp_path)
+    os.remove(os.path.join(workdir, "config.json"))  # only the checkpoint's record is left
+    config = tiny(cache_dir, num_train_steps=10)
+    assert config.model.ffn == "dsc"
+    recorded = read_meta(os.path.join(workdir, "checkpoints"), 8)["config"]
+    assert recorded["model"]["moe"]["num_experts"] == config.model.moe.num_experts
+    config.model.moe.num_experts *= 2
+    config.data.wikitext_dir = str(tmp_path / "elsewhere")
+    assert train_and_evaluate(config, workdir)["step"] == 10
+    with open(os.path.join(workdir, "config.json")) as f:  # written again, as run_record()
+        record = json.load(f)
+    assert record["config"]["model"]["moe"]["num_experts"] == config.model.moe.num_experts
+    assert record["model"]["ffn"]["kind"] == "dsc"
 
 
 # --- Storage errors outside the checkpoint path: one line, no traceback ----------------------

@@ -446,11 +446,19 @@ def run_state(run: Run) -> tuple[str, str]:
         return "conflict", f"finished with another config ({detail})"
     folder = os.path.join(run.workdir, CHECKPOINT_DIR)
     if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
-        saved = read_saved_config(run.workdir)
-        refused = [] if saved is None else config_lib.resume_changes(saved, run.config)[1]
-        if refused:  # what the trainer would refuse to resume
-            diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
-            return "conflict", f"checkpointed with other settings ({diff})"
+        # What the trainer would refuse to resume: a change against config.json or against
+        # the settings recorded in the newest checkpoint (unread settings are not compared).
+        from dsc_jax.train.checkpointing import newest_run_config
+
+        sources = [read_saved_config(run.workdir)]
+        newest = newest_run_config(folder)
+        if newest is not None:
+            sources.append(newest[1])
+        for saved in sources:
+            refused = [] if saved is None else config_lib.resume_changes(saved, run.config)[1]
+            if refused:
+                diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
+                return "conflict", f"checkpointed with other settings ({diff})"
         return "resume", ""
     return "train", ""
 
