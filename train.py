@@ -5,7 +5,12 @@ Flags (defined in ``dsc_jax/cli.py``, shared with the ``dsc-train`` console scri
 and ``--workdir`` (run folder; running again with the same folder resumes).
 """
 
-from dsc_jax import cli
+import signal
+
+# Ctrl-C during the imports below waits for the trainer's handler (see cli.block_stop_signals).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+from dsc_jax import cli  # noqa: E402
 
 cli.define_flags()  # --config (config_flags.DEFINE_config_file) and --workdir
 

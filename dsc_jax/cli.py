@@ -6,17 +6,21 @@ Running again with the same ``--workdir`` resumes from its newest intact checkpo
 Every ``--config.KEY=VALUE`` must take effect: an unknown key, a bad value, or a key the run
 does not read (e.g. ``--config.model.moe.top_k`` while ``model.ffn`` is ``dsc``; see
 :func:`dsc_jax.train.config.unread_settings`) is refused. Configuration, data-setup and
-storage errors (locked or unwritable workdir, unreadable or unwritable checkpoints) are
-printed as one clear message (no traceback) with exit status 1; the process then exits
-within seconds even if a library thread is stuck.
+storage errors (a config file that does not load, a locked or unwritable workdir, unreadable
+or unwritable checkpoints, any file of the run that cannot be written) are printed as one
+clear message (no traceback) with exit status 1; the process then exits within seconds even
+if a library thread is stuck. Ctrl-C exits with status 130 and one line: during start-up when
+the current start-up phase ends, during training after saving a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -128,13 +132,20 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (e.g. --workdir=runs/default).")
     # Imported here so that `--help` and flag errors need no JAX start-up.
+    from dsc_jax._storage import StorageError, error_line
     from dsc_jax.sharding import initialize_distributed
     from dsc_jax.train.checkpointing import (
         CheckpointWriteError,
         UnreadableCheckpointsError,
         quiet_closed_event_loop_errors,
     )
-    from dsc_jax.train.trainer import DataSetupError, NonFiniteLossError, train_and_evaluate
+    from dsc_jax.train.trainer import (
+        DataSetupError,
+        Interrupted,
+        NonFiniteLossError,
+        StopFlag,
+        train_and_evaluate,
+    )
     from dsc_jax.train.workdir import WorkdirError
 
     user_errors = (
@@ -142,22 +153,48 @@ def main(argv: Sequence[str]) -> None:
         ImportError,  # optional dependency
         DataSetupError,
         NonFiniteLossError,
-        WorkdirError,  # locked by another run, not writable
+        WorkdirError,  # locked by another run, not writable, an earlier run's record
+        StorageError,  # any file the run writes: disk full, read-only mount, quota
         UnreadableCheckpointsError,
         CheckpointWriteError,  # disk full, read-only mount, quota
     )
     quiet_closed_event_loop_errors()
     try:
-        config = load_config()
-        # Before any JAX computation: multi-process runtime (auto-detected or from the flags).
-        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        result = train_and_evaluate(config, FLAGS.workdir)
+        with StopFlag(interrupt=True) as early:  # until the trainer's own takes over
+            config = load_config()
+            # Before any JAX computation: multi-process runtime (auto-detected or from flags).
+            initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            early.check()
+            result = train_and_evaluate(config, FLAGS.workdir)
     except user_errors as err:
-        # One clear message; the traceback only with --verbosity=1.
-        logging.debug("traceback of the error below", exc_info=True)
-        _exit_soon(1)
-        sys.exit(f"dsc-train: error: {err}\n(run with --verbosity=1 for the traceback)")
+        _fail(str(err))
+    except OSError as err:  # a storage error no layer named: still one line
+        _fail(error_line(err))
+    except Interrupted as err:
+        _exit_soon(err.exit_status)
+        print(
+            f"dsc-train: {err.signal_name} received before training started: stopped, nothing "
+            "was trained (run the same command to start again).",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(err.exit_status)
     logging.info("%s at step %d", result["status"], result["step"])
+    if result.get("signal") == "SIGINT":  # Ctrl-C: saved, then the shell's status for it
+        print(
+            f"dsc-train: stopped by SIGINT after step {result['step']} (checkpoint saved); run "
+            "the same command to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + signal.SIGINT)
+
+
+def _fail(message: str) -> None:
+    """One clear message and exit status 1; the traceback only with --verbosity=1."""
+    logging.debug("traceback of the error below", exc_info=True)
+    _exit_soon(1)
+    sys.exit(f"dsc-train: error: {message}\n(run with --verbosity=1 for the traceback)")
 
 
 def _exit_soon(status: int, grace_s: float = 10.0) -> None:
@@ -173,7 +210,8 @@ def _exit_soon(status: int, grace_s: float = 10.0) -> None:
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
-    """absl flag parsing, with bad ``--config.key=value`` overrides (unknown key, wrong type)
+    """absl flag parsing, with a config file that does not load (syntax error, an exception
+    in ``get_config``) and bad ``--config.key=value`` overrides (unknown key, wrong type)
     reported as one line instead of a traceback, and a flag given twice refused (absl would
     keep the last)."""
     names = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("-") and arg != "--"]
@@ -184,15 +222,66 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
         return flag_values(argv)
     except flags.Error as err:
         sys.exit(f"dsc-train: error: {err}\nPass --helpfull to see the flags.")
-    except (AttributeError, KeyError, TypeError, ValueError) as err:
-        sys.exit(f"dsc-train: error: bad --config override: {type(err).__name__}: {err}")
+    except Exception as err:
+        config_error = config_file_error(err, argv)
+        if config_error is not None:
+            sys.exit(f"dsc-train: error: {config_error}")
+        if isinstance(err, AttributeError | KeyError | TypeError | ValueError):
+            sys.exit(f"dsc-train: error: bad --config override: {type(err).__name__}: {err}")
+        raise
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The file of ``--config=FILE[:ARGS]`` (or ``--config FILE``) in ``argv``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        return value.split(":", 1)[0]
+    return None
+
+
+def config_file_error(err: BaseException, argv: Sequence[str]) -> str | None:
+    """``"cannot load --config FILE, line N: ..."`` when ``err`` comes from the config file
+    itself (a syntax error, or an exception its code raised); ``None`` otherwise."""
+    path = _config_path(argv)
+    if path is None:
+        return None
+    target = os.path.abspath(path)
+    if isinstance(err, SyntaxError) and err.filename and os.path.abspath(err.filename) == target:
+        text = f": {err.text.strip()}" if err.text and err.text.strip() else ""
+        return f"cannot load --config {path}, line {err.lineno}: {err.msg}{text}"
+    frames = [
+        frame
+        for frame in traceback.extract_tb(err.__traceback__)
+        if os.path.abspath(frame.filename) == target
+    ]
+    if not frames:
+        return None
+    return f"cannot load --config {path}, line {frames[-1].lineno}: {type(err).__name__}: {err}"
+
+
+def block_stop_signals() -> None:
+    """Hold SIGINT/SIGTERM until the trainer's handler takes them (it unblocks them): a
+    Ctrl-C while JAX and its extensions are imported would otherwise interrupt an import
+    (a traceback, an abort, or a KeyboardInterrupt swallowed by the import machinery and
+    lost). ``train.py`` does the same before its first import."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def run() -> None:
     """Console-script entry point (``dsc-train``)."""
+    block_stop_signals()
     define_flags()
     # Left behind by orbax when a background save fails and its threads are released.
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(QuietLibraries())
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed
+        print("\ndsc-train: interrupted (SIGINT) during start-up.", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)

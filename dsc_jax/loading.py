@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from dsc_jax.data.tokenizers import Tokenizer, build_tokenizer
 from dsc_jax.models.gpt import GPT, GPTConfig
+from dsc_jax.train.checkpointing import closed_event_loop_errors_quieted, short_error
 from dsc_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 __all__ = [
@@ -187,13 +188,20 @@ def load_model(
     for candidate in reversed(steps):
         path = os.path.join(workdir, CHECKPOINT_DIR, str(candidate), "state")
         try:
-            params = restore_params(path, target)
+            # TensorStore's callbacks after a failed read print "Event loop is closed" noise
+            with closed_event_loop_errors_quieted():
+                params = restore_params(path, target)
         except Exception as err:  # unreadable or of another shape: try the previous one
-            errors.append(f"{candidate}: {type(err).__name__}: {err}")
-            logger.warning("checkpoint %s does not restore (%s); trying an older one", path, err)
+            errors.append(f"{candidate}: {short_error(err)}")
+            if candidate != steps[0]:
+                logger.warning(
+                    "checkpoint %s does not restore (%s); trying an older one",
+                    path,
+                    short_error(err),
+                )
             continue
         return LoadedModel(config, params, tokenizer, candidate, workdir, run_config)
     raise RunNotFoundError(
         f"workdir {workdir}: no checkpoint restores with the model of its {CONFIG_FILE}: "
-        + "; ".join(e[:300] for e in errors)
+        + "; ".join(errors)
     )

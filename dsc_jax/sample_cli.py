@@ -7,12 +7,14 @@ Loads the newest restorable checkpoint of a training run (:func:`dsc_jax.loading
 tokeniser from the run's own config) and prints ``num_samples`` continuations of the prompt,
 then one line of timings (compile, prefill, decode tokens/s) on stderr. Errors (missing or
 foreign workdir, prompt too long, bad sampling values, a flag greedy decoding would ignore:
-``--top_k``/``--top_p``/``--seed`` with ``--temperature=0``) are one clear message, no
-traceback.
+``--top_k``/``--top_p``/``--seed`` with ``--temperature=0``, a file that cannot be read) are
+one clear message, no traceback; falling back from an unreadable newest checkpoint is one
+warning line.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -109,6 +111,10 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (a run folder written by train.py).")
+    from dsc_jax._storage import StorageError, error_line
+    from dsc_jax.train.checkpointing import quiet_closed_event_loop_errors
+
+    quiet_closed_event_loop_errors()  # TensorStore noise after a failed checkpoint read
     try:
         check_flags()
         sample_main(
@@ -122,13 +128,20 @@ def main(argv: Sequence[str]) -> None:
             num_samples=FLAGS.num_samples,
             step=FLAGS.step,
         )
-    except ValueError as err:  # includes loading.RunNotFoundError
+    except (ValueError, StorageError) as err:  # includes loading.RunNotFoundError
         logging.debug("traceback of the error below", exc_info=True)
         sys.exit(f"dsc-sample: error: {err}")
+    except OSError as err:  # storage: one line naming the file
+        logging.debug("traceback of the error below", exc_info=True)
+        sys.exit(f"dsc-sample: error: {error_line(err, 'read')}")
 
 
 def run() -> None:
     """Console-script entry point (``dsc-sample``)."""
     define_flags()
     logging.get_absl_handler().addFilter(QuietLibraries())
-    app.run(main)
+    try:
+        app.run(main)
+    except KeyboardInterrupt:
+        print("\ndsc-sample: interrupted (SIGINT).", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)

@@ -183,6 +183,31 @@ def test_cache_reuse_and_invalidation(tmp_path, corpus_file):
     assert not e.from_cache and e.cache_key == d.cache_key
 
 
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("train.npy", b""),  # zero bytes: "EOFError: No data left in file" before
+        ("validation.npy", None),  # truncated to half
+        ("meta.json", b""),
+    ],
+)
+def test_damaged_cache_entry_is_named_and_rebuilt(tmp_path, corpus_file, caplog, name, damage):
+    cfg = _cfg(tmp_path, corpus_file)
+    a = build_data(cfg, seq_len=16, global_batch_size=2, seed=0)
+    key, want = a.cache_key, np.array(a.train_tokens)  # a copy: the file is damaged in place
+    del a
+    path = tmp_path / "c" / key / name
+    body = path.read_bytes()
+    path.write_bytes(body[: len(body) // 2] if damage is None else damage)
+    b = build_data(cfg, seq_len=16, global_batch_size=2, seed=0)
+    assert not b.from_cache and b.cache_key == key
+    assert np.array_equal(b.train_tokens, want)
+    [warning] = [r.getMessage() for r in caplog.records if "token cache" in r.getMessage()]
+    assert f"token cache file {path} is damaged" in warning and "rebuilding" in warning
+    assert path.read_bytes() == body  # rebuilt
+    assert build_data(cfg, seq_len=16, global_batch_size=2, seed=0).from_cache
+
+
 # --- embedded corpus and global batches ----------------------------------------------------
 
 

@@ -4,11 +4,14 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from dsc_jax.experiments import ablation_variants, cli, runner
 from dsc_jax.experiments.presets import STUDIES
+from tests._train_utils import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compiles")]
 
@@ -154,6 +157,77 @@ def test_interrupted_run_resumes(sweep, capsys):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert lines[0] == first  # the step-1 record survives: not retrained from scratch
     assert json.loads(lines[-1])["step"] == 6
+
+
+def test_plan_checks_a_checkpointed_run_against_its_checkpoints_settings(sweep, capsys):
+    """Without done.json and config.json, the settings recorded in the newest checkpoint
+    decide whether the run may resume (as the trainer checks them): a change is a conflict."""
+    workdir = sweep / "moe_seed1"
+    saved = {name: (workdir / name).read_bytes() for name in (runner.DONE_FILE, "config.json")}
+    try:
+        for name in saved:
+            (workdir / name).unlink()
+        args = [*ARGS, "--results", str(sweep.parent), "--plan"]
+        assert cli.main([*args, "--set", "optim.learning_rate=0.001"]) == 2
+        out = capsys.readouterr().out
+        assert (
+            f"{workdir}: checkpointed with other settings (optim.learning_rate: 0.003 -> 0.001)"
+            in out
+        ), out
+        assert cli.main(args) == 0
+        assert f"{workdir}: resume" in capsys.readouterr().out
+    finally:
+        for name, content in saved.items():
+            (workdir / name).write_bytes(content)
+
+
+@pytest.mark.parametrize("content", ["", '{"fingerprint": "0123'])
+def test_empty_or_truncated_done_json_counts_as_unfinished(sweep, capsys, caplog, content):
+    """An unreadable done.json is one warning and an unfinished run (it resumes at its final
+    checkpoint and the record is written again), not a JSONDecodeError for every sweep."""
+    done_path = sweep / "moe_seed0" / runner.DONE_FILE
+    done_path.write_text(content)
+    assert cli.main([*ARGS, "--results", str(sweep.parent), "--no-latency"]) == 0
+    assert "(1 trained, 3 skipped)" in capsys.readouterr().out
+    warnings = [r.getMessage() for r in caplog.records if str(done_path) in r.getMessage()]
+    assert len(warnings) == 1 and "treating the run as unfinished" in warnings[0], warnings
+    assert json.loads(done_path.read_text())["step"] == 6  # written again, whole
+    assert not [p for p in os.listdir(done_path.parent) if ".tmp-" in p]
+
+
+def test_second_sweep_on_the_same_results_folder_is_one_line(sweep, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from dsc_jax.experiments.runner import sweep_lock; "
+            f"sweep_lock({str(sweep)!r}).acquire(); print('locked', flush=True); time.sleep(300)",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run(
+            [sys.executable, "-m", "dsc_jax.experiments", *ARGS, "--results", str(sweep.parent)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert second.returncode == 1, second.stderr
+    assert (
+        f"dsc-compare: error: results folder {sweep} is in use by another sweep (host "
+        in second.stderr
+    ), second.stderr
+    assert f"pid {holder.pid}" in second.stderr and "Traceback" not in second.stderr
 
 
 def test_presets_and_ablations_are_constructible():

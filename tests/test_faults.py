@@ -9,12 +9,15 @@ same setting through ``JAX_DISABLE_MOST_OPTIMIZATIONS``).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import filecmp
 import json
 import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -27,10 +30,19 @@ import jax.numpy as jnp
 import pytest
 
 from dsc_jax.train import steps
-from dsc_jax.train.checkpointing import CheckpointWriteError, UnreadableCheckpointsError
+from dsc_jax.train.checkpointing import (
+    CheckpointWriteError,
+    UnreadableCheckpointsError,
+    read_meta,
+)
 from dsc_jax.train.metrics import MetricsWriter, read_metrics
-from dsc_jax.train.trainer import NonFiniteStateError, train_and_evaluate
-from dsc_jax.train.workdir import WorkdirLock, WorkdirLockedError
+from dsc_jax.train.trainer import Interrupted, NonFiniteStateError, StopFlag, train_and_evaluate
+from dsc_jax.train.workdir import (
+    WorkdirError,
+    WorkdirLock,
+    WorkdirLockedError,
+    WorkdirLockLostError,
+)
 from tests._train_utils import (
     REPO,
     assert_same_metrics,
@@ -393,3 +405,401 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path, cache_dir):
     got = read_metrics(workdir)
     assert [r["step"] for r in got] == list(range(1, total + 1))
     assert_same_metrics(got, read_metrics(reference))
+
+
+# --- The lock is the folder's identity --------------------------------------------------------
+
+
+# A removed or replaced WORKDIR/.lock (a cleanup script, a synced folder) does not let a second
+# run in: the first still holds the folder itself, writes the lock file again and goes on.
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_second_run_is_refused_after_the_lock_file_is_removed_or_replaced(
+    tmp_path, cache_dir, change
+):
+    workdir = str(tmp_path / "run")
+    lock = os.path.join(workdir, ".lock")
+    first = start_process(
+        train_cmd(workdir, DECAY, cache_dir, "--config.checkpoint_every_steps=2"), env()
+    )
+    try:
+        wait_for_step(first, workdir, 3)
+        os.remove(lock)
+        if change == "replaced":
+            with open(lock, "w") as f:
+                f.write("{}\n")
+        second = subprocess.run(
+            train_cmd(workdir, DECAY, cache_dir),
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert second.returncode == 1, second.stderr
+        assert f"workdir {workdir} is in use by another run" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        wait_for_step(first, workdir, last_step(workdir) + 2)  # the first run goes on
+        with open(lock) as f:
+            assert json.load(f)["pid"] == first.pid  # its record, written again
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=120)
+    finally:
+        output = stop(first) if first.poll() is None else output
+    assert first.returncode == 0, output
+    assert f"the lock file {lock} was {change}" in output, output
+    logged = [r["step"] for r in read_metrics(workdir)]
+    assert logged == list(range(1, len(logged) + 1))  # no step twice, none out of order
+
+
+def _no_folder_locks(monkeypatch) -> None:
+    """What NFS does: flock on a folder fails with EBADF (the lock file still locks)."""
+    real_flock = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+# Where the run can no longer prove it alone uses the folder, it stops before writing more.
+@pytest.mark.parametrize("change", ["lock file removed, no folder lock", "workdir moved"])
+def test_a_lost_lock_stops_the_run_before_it_writes_again(tmp_path, cache_dir, monkeypatch, change):
+    workdir = str(tmp_path / "run")
+    moved = change == "workdir moved"
+    if not moved:
+        _no_folder_locks(monkeypatch)
+    real_write = MetricsWriter.write
+
+    def write_then_lose_the_lock(self, step, metrics):
+        real_write(self, step, metrics)
+        if step == 5:
+            if moved:
+                os.rename(workdir, workdir + ".moved")
+            else:
+                os.remove(os.path.join(workdir, ".lock"))
+
+    monkeypatch.setattr(MetricsWriter, "write", write_then_lose_the_lock)
+    config = tiny(cache_dir, num_train_steps=12, checkpoint_every_steps=4)
+    config.async_checkpointing = False  # checkpoint 4 is complete before the folder moves
+    with pytest.raises(WorkdirLockLostError, match="moved" if moved else "cannot lock the folder"):
+        train_and_evaluate(config, workdir)
+    folder = workdir + ".moved" if moved else workdir
+    assert [r["step"] for r in read_metrics(folder)] == [1, 2, 3, 4, 5]
+    assert sorted(n for n in os.listdir(os.path.join(folder, "checkpoints")) if n.isdigit()) == [
+        "4"
+    ]
+    if moved:
+        assert not os.path.exists(workdir)  # nothing written where the folder was
+
+
+# --- The run's record and its settings ----------------------------------------------------------
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# A new start over an earlier run's record (its checkpoints gone) is refused, or, when the
+# record is of these very settings (a stop before the first checkpoint), moves it aside.
+def test_a_new_start_never_overwrites_an_earlier_record(finished_run, tmp_path, cache_dir):
+    workdir = copy_run(finished_run, tmp_path)
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    metrics, config_json = (os.path.join(workdir, n) for n in ("metrics.jsonl", "config.json"))
+    before = {path: _read(path) for path in (metrics, config_json)}
+    changed = tiny(cache_dir)
+    changed.optim.learning_rate = 1e-3
+    with pytest.raises(WorkdirError, match="holds the record of an earlier run") as info:
+        train_and_evaluate(changed, workdir)
+    assert "optim.learning_rate: 0.003 -> 0.001" in str(info.value)
+    assert {path: _read(path) for path in before} == before
+    os.remove(config_json)
+    with pytest.raises(WorkdirError, match=r"no config\.json tells whether it is this run"):
+        train_and_evaluate(tiny(cache_dir), workdir)
+    assert _read(metrics) == before[metrics]
+    with open(config_json, "wb") as f:
+        f.write(before[config_json])
+
+    assert train_and_evaluate(tiny(cache_dir, num_train_steps=2), workdir)["step"] == 2
+    [abandoned] = [n for n in os.listdir(workdir) if n.startswith("abandoned-")]
+    old = os.path.join(workdir, abandoned)
+    assert _read(os.path.join(old, "metrics.jsonl")) == before[metrics]
+    assert _read(os.path.join(old, "config.json")) == before[config_json]
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+
+
+# Every checkpoint records the settings that wrote it: a deleted or edited config.json cannot
+# let a changed run through; a deleted one is written again on a good resume.
+@pytest.mark.parametrize("config_json", ["deleted", "edited"])
+def test_resume_is_checked_against_the_checkpoints_own_settings(
+    finished_run, tmp_path, cache_dir, caplog, config_json
+):
+    workdir = copy_run(finished_run, tmp_path)
+    path = os.path.join(workdir, "config.json")
+    if config_json == "deleted":
+        os.remove(path)
+    else:  # claims the new rate for the whole run
+        with open(path) as f:
+            saved = json.load(f)
+        saved["config"]["optim"]["learning_rate"] = 1e-3
+        with open(path, "w") as f:
+            json.dump(saved, f)
+    changed = tiny(cache_dir)
+    changed.optim.learning_rate = 1e-3
+    with pytest.raises(ValueError, match="differ from its checkpoint 8") as info:
+        train_and_evaluate(changed, workdir)
+    assert "optim.learning_rate: 0.003 -> 0.001" in str(info.value)
+    assert os.path.exists(path) == (config_json == "edited")  # nothing written
+    assert sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+    if config_json == "deleted":
+        result = train_and_evaluate(tiny(cache_dir, num_train_steps=10), workdir)
+        assert result["step"] == 10
+        assert "config.json of the run in" in caplog.text and "is missing" in caplog.text
+        with open(path) as f:
+            assert json.load(f)["config"]["optim"]["learning_rate"] == 0.003
+
+
+# Settings the run does not read (another FFN kind's group, another data source's keys) are
+# ignored by the checkpoint's check as by config.json's: they cannot change what it computes.
+def test_the_checkpoints_settings_check_ignores_unread_settings(finished_run, tmp_path, cache_dir):
+    workdir = copy_run(finished_run, tmp_path)
+    os.remove(os.path.join(workdir, "config.json"))  # only the checkpoint's record is left
+    config = tiny(cache_dir, num_train_steps=10)
+    assert config.model.ffn == "dsc"
+    recorded = read_meta(os.path.join(workdir, "checkpoints"), 8)["config"]
+    assert recorded["model"]["moe"]["num_experts"] == config.model.moe.num_experts
+    config.model.moe.num_experts *= 2
+    config.data.wikitext_dir = str(tmp_path / "elsewhere")
+    assert train_and_evaluate(config, workdir)["step"] == 10
+    with open(os.path.join(workdir, "config.json")) as f:  # written again, as run_record()
+        record = json.load(f)
+    assert record["config"]["model"]["moe"]["num_experts"] == config.model.moe.num_experts
+    assert record["model"]["ffn"]["kind"] == "dsc"
+
+
+# --- Storage errors outside the checkpoint path: one line, no traceback ----------------------
+
+
+def _unshare_prefix() -> list[str]:
+    return ["unshare", "--mount", "--propagation", "private"] + (
+        [] if os.geteuid() == 0 else ["--map-root-user"]
+    )
+
+
+@pytest.fixture(scope="module")
+def mount_namespace(tmp_path_factory) -> None:
+    """Skips unless this machine lets a process mount a tmpfs in a private mount namespace."""
+    target = tmp_path_factory.mktemp("mount_probe")
+    try:
+        probe = subprocess.run(
+            [*_unshare_prefix(), "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"no private mount namespace here ({err})")
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+
+
+def run_with_mounts(mounts: str, cmd: list[str], timeout: float = 240):
+    """``cmd`` in a private mount namespace after the shell commands ``mounts``."""
+    return subprocess.run(
+        [*_unshare_prefix(), "sh", "-c", f'set -e; {mounts}; exec "$@"', "sh", *cmd],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _read_only(folder: str) -> str:
+    return f"mount --bind {folder} {folder}; mount -o remount,bind,ro {folder}"
+
+
+def _tmpfs(folder: str, size: str) -> str:
+    return f"mkdir -p {folder}; mount -t tmpfs -o size={size} tmpfs {folder}"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "read-only workdir of an earlier run",
+        "new workdir under a read-only folder",
+        "full disk: the lock file",
+        "full disk: config.json",
+        "full disk: TensorBoard at the start",
+        "disk fills mid-run: metrics or TensorBoard",
+    ],
+)
+def test_storage_errors_are_one_line(mount_namespace, finished_run, tmp_path, cache_dir, fault):
+    del mount_namespace
+    extra: list[str] = []
+    if fault == "read-only workdir of an earlier run":
+        workdir = copy_run(finished_run, tmp_path)
+        mounts, want = _read_only(workdir), f"cannot create the lock file {workdir}/.lock"
+    elif fault == "new workdir under a read-only folder":
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        workdir = str(parent / "new" / "run")
+        mounts, want = _read_only(str(parent)), f"cannot create the workdir {parent}/new"
+    elif fault == "full disk: the lock file":
+        workdir = str(tmp_path / "full")
+        mounts = _tmpfs(workdir, "64k") + f"; head -c 1M /dev/zero > {workdir}/filler || true"
+        want = f"cannot write the lock file {workdir}/.lock"
+    elif fault == "full disk: config.json":  # two pages: one for the lock, one for the probe
+        workdir = str(tmp_path / "small")
+        mounts, want = _tmpfs(workdir, "8k"), f"cannot write {workdir}/config.json"
+        extra = ["--config.name=" + "x" * 2000]  # a config.json of two pages
+    elif fault == "full disk: TensorBoard at the start":  # room for the lock and config.json
+        workdir = str(tmp_path / "small")
+        mounts, want = _tmpfs(workdir, "8k"), f"cannot write {workdir}/tensorboard/events"
+    else:  # room for the start; the first checkpoint would come at the end
+        workdir = str(tmp_path / "small")
+        mounts, want = _tmpfs(workdir, "64k"), f"cannot write {workdir}/"
+        extra = ["--config.checkpoint_every_steps=0"]
+    started = time.time()
+    result = run_with_mounts(mounts, train_cmd(workdir, DECAY, cache_dir, *extra))
+    elapsed = time.time() - started
+    reason = "Read-only file system" if "read-only" in fault else "No space left on device"
+    assert result.returncode == 1, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("dsc-train:")]
+    assert line.startswith(f"dsc-train: error: {want}") and reason in line, line
+    assert "Traceback" not in result.stderr, result.stderr
+    print(f"{fault}: exit 1 after {elapsed:.1f} s: {line}")
+
+
+def test_dangling_symlink_workdir_is_one_line(tmp_path, cache_dir):
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "missing")
+    result = subprocess.run(
+        train_cmd(str(link), 4, cache_dir),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1
+    assert (
+        f"dsc-train: error: workdir {link} is a symbolic link to {tmp_path / 'missing'}, which "
+        "does not exist" in result.stderr
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- Start-up: Ctrl-C, a broken config file ----------------------------------------------------
+
+
+# Ctrl-C at any moment: 130 and one line, never a traceback and never lost; during training
+# after the checkpoint of the current step.
+@pytest.mark.parametrize("moment", ["imports", "start-up", "training"])
+def test_ctrl_c_at_any_moment_exits_130_with_one_line(tmp_path, cache_dir, moment):
+    workdir = str(tmp_path / "run")
+    proc = start_process(
+        train_cmd(workdir, DECAY, cache_dir, "--config.checkpoint_every_steps=0"), env()
+    )
+    try:
+        if moment == "imports":
+            time.sleep(1.0)  # importing JAX and dsc_jax takes seconds
+        elif moment == "start-up":  # the workdir is locked: data, model, compilation follow
+            deadline = time.time() + 120
+            while not os.path.exists(os.path.join(workdir, ".lock")) and time.time() < deadline:
+                time.sleep(0.01)
+        else:
+            wait_for_step(proc, workdir, 2)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        output = stop(proc) if proc.poll() is None else output
+    assert proc.returncode == 128 + signal.SIGINT, output
+    assert "Traceback" not in output and "completed at step" not in output, output
+    [line] = [line for line in output.splitlines() if line.startswith("dsc-train:")]
+    if moment == "training":
+        assert "stopped by SIGINT after step" in line, line
+        assert [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    else:
+        assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+# A start-up signal is recorded, never raised inside whatever code runs (an import or a C++
+# callback would swallow it), and raised between start-up phases.
+def test_start_up_signal_is_recorded_then_raised_between_phases():
+    with StopFlag(interrupt=True) as stop:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # what an import or a callback would swallow
+            pytest.fail("the handler raised inside arbitrary code")
+        assert stop.requested == "SIGINT"
+        with pytest.raises(Interrupted) as info:
+            stop.check()
+        assert info.value.exit_status == 130
+        with pytest.raises(Interrupted):
+            stop.start_training()
+
+
+@pytest.mark.parametrize(
+    ("source", "want"),
+    [
+        ("def get_config(:\n    pass\n", "line 1: invalid syntax"),
+        ("import os\n\n\ndef get_config():\n    return 1 / 0\n", "line 5: ZeroDivisionError"),
+    ],
+)
+def test_broken_config_file_is_one_line_naming_the_file_and_line(tmp_path, source, want):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    result = subprocess.run(
+        [sys.executable, "train.py", f"--config={path}", f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"dsc-train: error: cannot load --config {path}, {want}"), line
+
+
+# --- Noise: a fallback is one warning line ---------------------------------------------------
+
+
+def test_fallback_from_an_unreadable_checkpoint_is_one_short_line(finished_run, tmp_path, capfd):
+    workdir = copy_run(finished_run, tmp_path)
+    state = os.path.join(workdir, "checkpoints", "8", "state")
+    for folder, _, files in os.walk(state):
+        for name in files:
+            if os.path.basename(folder) == "d":  # every array chunk of the newest checkpoint
+                open(os.path.join(folder, name), "w").close()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            f"--workdir={workdir}",
+            "--prompt=def ",
+            "--max_new_tokens=2",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{workdir} step 4:" in result.stderr  # fell back to checkpoint 4
+    [warning] = [line for line in result.stderr.splitlines() if "does not restore" in line]
+    assert len(warning) < 600 and "checkpoints/8/state" in warning, warning  # not 2,000+
+    assert "Event loop is closed" not in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 2, result.stderr  # the warning, timings
+
+    from dsc_jax.loading import load_model
+
+    capfd.readouterr()
+    assert load_model(workdir).step == 4  # the library: no noise either
+    assert "Event loop is closed" not in capfd.readouterr().err

@@ -5,18 +5,22 @@ the JSON of everything that determines the tokens (source identity, tokeniser, p
 its options, cache format version), so a changed option never reuses a stale entry. Every file
 is written to a temporary name and moved into place with ``os.replace``; ``meta.json`` is
 written last and marks a complete entry, so concurrent writers (several processes of one job)
-and interrupted runs are safe.
+and interrupted runs are safe. An entry damaged afterwards (an empty or truncated file, a
+disk that filled) is detected on load, named in a warning, and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 PARTS = ("train", "validation")
@@ -66,16 +70,52 @@ class TokenCache:
         return os.path.join(self.root, key)
 
     def load(self, key: str) -> dict[str, np.ndarray] | None:
-        """Memory-mapped ``{"train": [N_t], "validation": [N_v]}``, or ``None`` on a miss."""
+        """Memory-mapped ``{"train": [N_t], "validation": [N_v]}``, or ``None`` on a miss.
+
+        A damaged entry (an unreadable ``meta.json``, a missing, empty, truncated or foreign
+        ``.npy`` file, or one whose length or dtype differs from what ``meta.json`` recorded)
+        is also a miss, with one warning naming the file: the caller rebuilds it.
+        """
         if self.root is None:
             return None
         folder = self.entry_dir(key)
-        if not os.path.isfile(os.path.join(folder, "meta.json")):
-            return None
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            return None  # never written, or still being written (meta.json comes last)
         try:
-            return {p: np.load(os.path.join(folder, f"{p}.npy"), mmap_mode="r") for p in PARTS}
-        except (OSError, ValueError):
-            return None  # incomplete or damaged entry: rebuild it
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            return self._damaged(meta_path, f"{type(err).__name__}: {err}")
+        arrays = {}
+        for part in PARTS:
+            path = os.path.join(folder, f"{part}.npy")
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
+                return self._damaged(path, f"{type(err).__name__}: {err}")
+            expected = (meta.get("num_tokens") or {}).get(part)
+            dtype = meta.get("dtype")
+            if (
+                arr.ndim != 1
+                or arr.size == 0
+                or (expected is not None and arr.size != expected)
+                or (dtype is not None and arr.dtype.name != dtype)
+            ):
+                return self._damaged(
+                    path,
+                    f"holds {arr.shape} {arr.dtype.name}; meta.json records {expected} tokens "
+                    f"of {dtype}",
+                )
+            arrays[part] = arr
+        return arrays
+
+    @staticmethod
+    def _damaged(path: str, reason: str) -> None:
+        logger.warning("token cache file %s is damaged (%s); rebuilding its entry", path, reason)
+        return None
 
     def save(
         self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]

@@ -230,4 +230,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    """Console-script entry point: errors are one ``dsc-compare: error:`` line, exit 1."""
+    from dsc_jax._storage import StorageError, error_line
+    from dsc_jax.train.checkpointing import CheckpointWriteError, UnreadableCheckpointsError
+    from dsc_jax.train.trainer import DataSetupError, Interrupted, NonFiniteLossError
+    from dsc_jax.train.workdir import WorkdirError
+
+    user_errors = (
+        ValueError,
+        WorkdirError,  # a run folder locked, unwritable, or a second sweep on the folder
+        StorageError,
+        DataSetupError,
+        NonFiniteLossError,
+        UnreadableCheckpointsError,
+        CheckpointWriteError,
+    )
+    try:
+        status = main()
+    except user_errors as err:
+        sys.exit(f"dsc-compare: error: {err}")
+    except OSError as err:
+        sys.exit(f"dsc-compare: error: {error_line(err)}")
+    except KeyboardInterrupt as err:
+        status = err.exit_status if isinstance(err, Interrupted) else 130
+        print("\ndsc-compare: interrupted; rerun the same command to resume.", file=sys.stderr)
+        sys.exit(status)
+    sys.exit(status)

@@ -21,6 +21,7 @@ and fingerprint do not change.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,7 @@ from typing import Any
 import ml_collections
 
 from dsc_jax import paper
+from dsc_jax._storage import write_json_atomically
 from dsc_jax.experiments.presets import METHODS, STUDIES, Study
 from dsc_jax.layers.configs import FFN_CONFIGS
 from dsc_jax.models.solver import (
@@ -43,11 +45,12 @@ from dsc_jax.models.solver import (
     solve_iso_active,
 )
 from dsc_jax.train import config as config_lib
-from dsc_jax.train.workdir import CHECKPOINT_DIR, read_saved_config
+from dsc_jax.train.workdir import CHECKPOINT_DIR, FolderLock, read_saved_config
 
 logger = logging.getLogger("dsc_jax.experiments")
 
 DONE_FILE = "done.json"
+SWEEP_LOCK_FILE = ".sweep.lock"
 #: Keys each run's config gets from the runner, and the option that sets them instead.
 RUNNER_OWNED = {
     "seed": "each run's seed comes from --seeds",
@@ -340,12 +343,50 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_warned_done: set[tuple[str, int, int]] = set()  # (path, mtime, size): one warning per damage
+
+
 def read_done(workdir: str) -> dict[str, Any] | None:
+    """The finished run's record (``done.json``), or ``None``: absent, or unreadable (empty,
+    truncated, not a JSON object), which counts as unfinished with one warning per damaged
+    file (the run resumes from its last checkpoint, which is the final one, and the record is
+    written again)."""
     path = os.path.join(workdir, DONE_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            done = json.load(f)
+        if not isinstance(done, dict):
+            raise ValueError(f"a JSON {type(done).__name__}, not an object")
+        return done
+    except (OSError, ValueError) as err:
+        try:
+            info = os.stat(path)
+            seen = (path, info.st_mtime_ns, info.st_size)
+        except OSError:
+            seen = (path, 0, 0)
+        if seen not in _warned_done:
+            _warned_done.add(seen)
+            logger.warning(
+                "ignoring %s (%s: %s): treating the run as unfinished",
+                path,
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "unreadable",
+            )
+        return None
+
+
+def sweep_lock(folder: str) -> FolderLock:
+    """The lock that keeps a second sweep out of a results folder while one runs (a
+    :class:`~dsc_jax.train.workdir.FolderLock` on ``folder``; acquire it, or use ``with``)."""
+    return FolderLock(
+        folder,
+        lock_name=SWEEP_LOCK_FILE,
+        what="results folder",
+        holder="sweep",
+        hint="wait for it to finish, stop it, or use another --results or --study",
+    )
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -405,11 +446,19 @@ def run_state(run: Run) -> tuple[str, str]:
         return "conflict", f"finished with another config ({detail})"
     folder = os.path.join(run.workdir, CHECKPOINT_DIR)
     if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
-        saved = read_saved_config(run.workdir)
-        refused = [] if saved is None else config_lib.resume_changes(saved, run.config)[1]
-        if refused:  # what the trainer would refuse to resume
-            diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
-            return "conflict", f"checkpointed with other settings ({diff})"
+        # What the trainer would refuse to resume: a change against config.json or against
+        # the settings recorded in the newest checkpoint (unread settings are not compared).
+        from dsc_jax.train.checkpointing import newest_run_config
+
+        sources = [read_saved_config(run.workdir)]
+        newest = newest_run_config(folder)
+        if newest is not None:
+            sources.append(newest[1])
+        for saved in sources:
+            refused = [] if saved is None else config_lib.resume_changes(saved, run.config)[1]
+            if refused:
+                diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
+                return "conflict", f"checkpointed with other settings ({diff})"
         return "resume", ""
     return "train", ""
 
@@ -550,7 +599,18 @@ def _fmt_time(seconds: float) -> str:
 
 def execute(runs: Sequence[Run], log=print) -> dict[str, int]:
     """Train every run not finished yet; a progress line after each. Stops at an
-    interrupted run (SIGINT/SIGTERM: the trainer saved a checkpoint; rerun to resume)."""
+    interrupted run (SIGINT/SIGTERM: the trainer saved a checkpoint; rerun to resume).
+
+    The runs' results folders are locked for the sweep (:func:`sweep_lock`): a second sweep
+    on the same folder fails at once with :class:`~dsc_jax.train.workdir.WorkdirLockedError`.
+    """
+    with contextlib.ExitStack() as stack:
+        for folder in sorted({os.path.dirname(run.workdir) for run in runs}):
+            stack.enter_context(sweep_lock(folder))
+        return _execute(runs, log)
+
+
+def _execute(runs: Sequence[Run], log) -> dict[str, int]:
     from dsc_jax.train.trainer import train_and_evaluate
 
     counts = {"trained": 0, "skipped": 0, "interrupted": 0}
@@ -578,8 +638,9 @@ def execute(runs: Sequence[Run], log=print) -> dict[str, int]:
             }
             if run.settings:  # the --set values this run read
                 done["settings"] = run.settings
-            with open(os.path.join(run.workdir, DONE_FILE), "w") as f:
-                json.dump(done, f, default=str)
+            write_json_atomically(
+                os.path.join(run.workdir, DONE_FILE), done, indent=None, default=str
+            )
             counts["trained"] += 1
             durations.append(time.time() - t0)
         left = len(runs) - i - 1

@@ -5,9 +5,11 @@ Layout: ``<directory>/<step>/`` (``step`` = completed optimiser steps) holds two
 * ``state``: the array tree ``{"step", "params", "opt_state", "rng"}`` (orbax
   ``PyTreeSave``; written collectively by all processes, restorable onto another mesh by
   passing abstract arrays with the new shardings);
-* ``meta``: JSON ``{"format", "step", "data_state", "signature", "fingerprint"}``:
-  the data-iterator position, a hash of the tree's paths/shapes/dtypes (``signature``) and
-  a content hash of every array (``fingerprint``).
+* ``meta``: JSON ``{"format", "step", "data_state", "signature", "fingerprint", "config",
+  "config_sha256"}``: the data-iterator position, a hash of the tree's paths/shapes/dtypes
+  (``signature``), a content hash of every array (``fingerprint``) and the training settings
+  that produced the checkpoint with their hash (so a resumption is checked against the
+  checkpoint itself, whatever became of ``config.json``).
 
 Atomicity: orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it to
 ``<step>`` only when every item is complete, so a crash mid-save leaves no ``<step>`` folder
@@ -78,7 +80,7 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (the message names the folder and the OS reason)."""
 
 
-def _short(err: BaseException, limit: int = 200) -> str:
+def short_error(err: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message`` (TensorStore errors span dozens of lines)."""
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
@@ -142,13 +144,32 @@ def quiet_closed_event_loop_errors() -> None:
     sys.unraisablehook = _quiet_closed_loop_hook
 
 
+@contextlib.contextmanager
+def closed_event_loop_errors_quieted() -> Iterator[None]:
+    """:func:`quiet_closed_event_loop_errors` for the duration of a block (checkpoint reads
+    that may fail), then the previous hooks again."""
+    previous = sys.excepthook, sys.unraisablehook
+    quiet_closed_event_loop_errors()
+    try:
+        yield
+    finally:
+        sys.excepthook, sys.unraisablehook = previous
+
+
 @dataclasses.dataclass
 class Restored:
-    """A restored checkpoint: ``tree`` as saved, the data-iterator state and its step."""
+    """A restored checkpoint: ``tree`` as saved, the data-iterator state, its step, and the
+    training config that wrote it (``None`` for checkpoints that carry none)."""
 
     step: int
     tree: Any
     data_state: dict[str, Any]
+    config: dict[str, Any] | None = None
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """sha256 of a plain config dict as canonical JSON (hex)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def tree_signature(tree: Any) -> str:
@@ -239,13 +260,23 @@ class Checkpointer:
         """Finalised checkpoint steps, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, tree: Any, data_state: dict[str, Any]) -> None:
+    def save(
+        self,
+        step: int,
+        tree: Any,
+        data_state: dict[str, Any],
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         """Save ``tree`` (a pytree of ``jax.Array``) and the data position as ``step``.
 
-        Saving a step that already exists is a no-op.
+        ``run_config`` (the training config as JSON types) is recorded with it. Saving a step
+        that already exists is a no-op.
         """
         if step in self.all_steps():
             return
+        record = {}
+        if run_config is not None:
+            record = {"config": run_config, "config_sha256": config_sha256(run_config)}
         meta = {
             "format": FORMAT,
             "step": int(step),
@@ -254,6 +285,7 @@ class Checkpointer:
             "signature": tree_signature(tree),
             "fingerprint": fingerprint(tree),
             "time": time.time(),
+            **record,
         }
         with self._write_errors(step):
             self.manager.save(
@@ -277,7 +309,7 @@ class Checkpointer:
             _release_blocked_orbax_threads()
             what = f"checkpoint {step}" if step is not None else "a checkpoint"
             raise CheckpointWriteError(
-                f"could not write {what} to {self.directory} ({_short(err)}); the last "
+                f"could not write {what} to {self.directory} ({short_error(err)}); the last "
                 f"complete checkpoint ({self.latest_step_text()}) is kept. Free space or fix "
                 "the storage, then run the same command again to resume."
             ) from err
@@ -331,12 +363,18 @@ class Checkpointer:
                 "meta"
             ]
         except Exception as err:  # unreadable or missing metadata
-            raise CorruptCheckpointError(f"metadata unreadable ({_short(err)})") from err
+            raise CorruptCheckpointError(f"metadata unreadable ({short_error(err)})") from err
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CorruptCheckpointError(f"metadata is not a {FORMAT} record: {meta!r:.200}")
         data_state = meta.get("data_state") or {}
         if "data_fingerprint" in meta and meta["data_fingerprint"] != _data_fingerprint(data_state):
             raise CorruptCheckpointError("data position differs from its saved fingerprint")
+        run_config = meta.get("config")
+        if run_config is not None and (
+            not isinstance(run_config, dict)
+            or meta.get("config_sha256") != config_sha256(run_config)
+        ):
+            raise CorruptCheckpointError("recorded settings differ from their saved hash")
         if meta.get("signature") != tree_signature(abstract_tree):
             raise IncompatibleCheckpointError(
                 f"checkpoint {self.directory}/{step} holds a different parameter/optimiser "
@@ -350,11 +388,11 @@ class Checkpointer:
             )
             tree = self.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
         except Exception as err:
-            raise CorruptCheckpointError(f"arrays unreadable ({_short(err)})") from err
+            raise CorruptCheckpointError(f"arrays unreadable ({short_error(err)})") from err
         if fingerprint(tree) != meta.get("fingerprint"):
             raise CorruptCheckpointError("array contents differ from the saved fingerprint")
         _check_positions(f"{self.directory}/{step}", step, meta, tree, data_state)
-        return Restored(step=step, tree=tree, data_state=data_state)
+        return Restored(step=step, tree=tree, data_state=data_state, config=run_config)
 
     def _quarantine(self, step: int, reason: str) -> None:
         """Move a corrupt step folder aside (process 0), so that the step can be re-saved."""
@@ -390,9 +428,7 @@ class Checkpointer:
           UnreadableCheckpointsError: checkpoints exist but none restores (nothing is moved).
         """
         failed: list[tuple[int, str]] = []
-        previous_hook = sys.unraisablehook
-        sys.unraisablehook = _quiet_closed_loop_hook
-        try:
+        with closed_event_loop_errors_quieted():
             for step in reversed(self.all_steps()):
                 try:
                     restored = self._restore_step(step, abstract_tree)
@@ -402,8 +438,6 @@ class Checkpointer:
                 for bad_step, reason in failed:
                     self._quarantine(bad_step, reason)
                 return restored
-        finally:
-            sys.unraisablehook = previous_hook
         if failed:
             listing = "; ".join(f"{self.directory}/{step}: {reason}" for step, reason in failed)
             raise UnreadableCheckpointsError(
@@ -437,3 +471,21 @@ def read_meta(directory: str, step: int) -> dict[str, Any]:
     path = os.path.join(os.path.abspath(directory), str(step), "meta", "metadata")
     with open(path) as f:
         return json.load(f)
+
+
+def newest_run_config(directory: str) -> tuple[int, dict[str, Any]] | None:
+    """``(step, config)`` of the newest finalised checkpoint whose metadata reads and carries
+    the training config (checked against its hash), or ``None``; read without orbax."""
+    try:
+        steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+    except OSError:
+        return None
+    for step in steps:
+        try:
+            meta = read_meta(directory, step)
+        except (OSError, ValueError):
+            continue
+        config = meta.get("config") if isinstance(meta, dict) else None
+        if isinstance(config, dict) and meta.get("config_sha256") == config_sha256(config):
+            return step, config
+    return None

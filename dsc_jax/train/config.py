@@ -447,8 +447,16 @@ def resume_changes(
     return allowed, refused
 
 
-def check_resume_config(saved: dict[str, Any], config: Any, workdir: str) -> list[str]:
+def check_resume_config(
+    saved: dict[str, Any], config: Any, workdir: str, source: str = "its config.json"
+) -> list[str]:
     """Refuse a resumption whose settings change the meaning of the run.
+
+    Args:
+      saved: the settings the run was trained with.
+      config: the settings of this start.
+      workdir: the run folder (for the message).
+      source: where ``saved`` comes from, for the message (``"its checkpoint 8"``).
 
     Returns:
       One ``"key: old -> new"`` line per allowed change (for the log).
@@ -460,7 +468,7 @@ def check_resume_config(saved: dict[str, Any], config: Any, workdir: str) -> lis
     if refused:
         diff = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in refused)
         raise ValueError(
-            f"cannot resume the run in {workdir}: these settings differ from its config.json "
+            f"cannot resume the run in {workdir}: these settings differ from {source} "
             f"(saved -> now):\n{diff}\nUse the saved values, another --workdir, or "
             "--config.start_over=True to set the old run aside and start from step 1."
         )
