@@ -120,7 +120,8 @@ def test_finished_run_from_older_code_is_skipped_not_refused(sweep, capsys):
 
 def test_latency_uses_another_seed_when_checkpoints_are_gone(sweep, capsys):
     """The report measures latency from any finished seed with a checkpoint; a variant with
-    none gets no latency and a warning, and the report is still written."""
+    none (a fresh clone: checkpoints are not committed) is timed on initialised parameters,
+    marked as such in the JSON and the markdown, and the report is still written."""
     moved = sweep.parent / "moved_checkpoints"
     moved.mkdir()
     try:
@@ -132,7 +133,10 @@ def test_latency_uses_another_seed_when_checkpoints_are_gone(sweep, capsys):
         rows = {
             r["variant"]: r for r in json.loads((sweep / "comparison.json").read_text())["rows"]
         }
-        assert rows["dsc"]["latency"]["ms"] > 0 and not rows["moe"]["latency"]
+        assert rows["dsc"]["latency"]["ms"] > 0 and rows["dsc"]["latency"]["params"] == "trained"
+        assert rows["moe"]["latency"]["ms"] > 0 and rows["moe"]["latency"]["params"] == "init"
+        markdown = (sweep / "comparison.md").read_text()
+        assert "Latency of Standard MoE: timed on initialised parameters" in markdown
     finally:
         for name in ("dsc_seed0", "moe_seed0", "moe_seed1"):
             if (moved / name).exists():

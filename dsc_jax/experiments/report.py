@@ -24,12 +24,19 @@ def measure_latency(
 ) -> dict[str, dict[str, float]]:
     """Eval-forward latency per batch (``eval_batch_size × seq_len`` tokens, deterministic)
     of one trained run per variant, in this process: compiled once, ``block_until_ready``,
-    variants interleaved round-robin, median (and IQR) over ``rounds``."""
+    variants interleaved round-robin, median (and IQR) over ``rounds``.
+
+    A variant none of whose finished runs still has a checkpoint (e.g. a fresh clone: the
+    checkpoints are not committed) is timed on freshly initialised parameters of its config,
+    with one warning and ``"params": "init"`` in its entry (the forward's cost depends on the
+    shapes; for a routed layer the routing at init is near uniform)."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from dsc_jax.loading import RunNotFoundError, load_model
     from dsc_jax.models.gpt import GPT
+    from dsc_jax.train import config as config_lib
 
     fns = {}
     for run in runs:
@@ -41,15 +48,21 @@ def measure_latency(
         except RunNotFoundError as err:
             logger.warning("latency of %s: skipping %s (%s)", name, run.workdir, err)
             continue
-        cfg = run.config
-        batch = cfg.eval_batch_size or cfg.batch_size // cfg.micro_batches
-        tokens = jax.random.randint(
-            jax.random.key(0), (batch, cfg.seq_len), 0, loaded.config.vocab_size, jnp.int32
+        fns[name] = _compiled_forward(run, loaded.config, loaded.params)
+    init_params = []
+    for run in runs:  # variants with no checkpoint left: initialised parameters
+        name = run.variant.name
+        if name in fns or read_done(run.workdir) is None:
+            continue
+        model_cfg = config_lib.model_config(run.config, vocab_size=_vocab_size(run.config))
+        params = GPT(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+        fns[name] = _compiled_forward(run, model_cfg, nn.unbox(params["params"]))
+        init_params.append(name)
+    if init_params:
+        logger.warning(
+            "latency of %s: no finished run with a checkpoint; timed on initialised parameters",
+            init_params,
         )
-        model = GPT(loaded.config)
-        fwd = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
-        compiled = fwd.lower(loaded.params, tokens).compile()
-        fns[name] = (compiled, loaded.params, tokens)
     times: dict[str, list[float]] = {n: [] for n in fns}
     for r in range(warmup + rounds):
         for name, (fn, params, tokens) in fns.items():
@@ -57,9 +70,6 @@ def measure_latency(
             jax.block_until_ready(fn(params, tokens))
             if r >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    missing = sorted({run.variant.name for run in runs} - set(fns))
-    if missing:
-        logger.warning("no latency for %s: no finished run with a checkpoint", missing)
     out = {}
     for name, ts in times.items():
         q1, q3 = np.percentile(ts, [25, 75])
@@ -68,8 +78,31 @@ def measure_latency(
             "ms_q1": float(q1),
             "ms_q3": float(q3),
             "rounds": len(ts),
+            "params": "init" if name in init_params else "trained",
         }
     return out
+
+
+def _vocab_size(config: Any) -> int:
+    """The vocabulary a run's model had (as the runner sizes it)."""
+    return config.model.vocab_size or (256 if config.data.tokenizer == "byte" else 50304)
+
+
+def _compiled_forward(run: Run, model_cfg: Any, params: Any) -> tuple[Any, Any, Any]:
+    """``(compiled eval forward, params, tokens)`` of one run's eval batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsc_jax.models.gpt import GPT
+
+    cfg = run.config
+    batch = cfg.eval_batch_size or cfg.batch_size // cfg.micro_batches
+    tokens = jax.random.randint(
+        jax.random.key(0), (batch, cfg.seq_len), 0, model_cfg.vocab_size, jnp.int32
+    )
+    model = GPT(model_cfg)
+    fwd = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
+    return fwd.lower(params, tokens).compile(), params, tokens
 
 
 def _eval_curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -226,6 +259,12 @@ def markdown(summary: dict[str, Any], title: str, command: str, description: str
         f"spread': |Δ| > std(method) + std({ref}).",
         "",
     ]
+    untrained = [r["method"] for r in summary["rows"] if r["latency"].get("params") == "init"]
+    if untrained:  # no checkpoint left (not committed): timed on initialised parameters
+        lines[-1:-1] = [
+            f"Latency of {', '.join(untrained)}: timed on initialised parameters (no "
+            "checkpoint of a finished run was left).",
+        ]
     return "\n".join(lines)
 
 
