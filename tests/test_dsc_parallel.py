@@ -130,7 +130,15 @@ def test_basis_parallel_bank_sharded_matches_unsharded(
     with jax.set_mesh(mesh):
         g = jax.jit(jax.grad(loss_fn), out_shardings=shardings)(sharded_params, x_sharded)
     assert g["basis_u"].sharding.spec == P("tensor", "fsdp")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g, g_ref)
+    # float32 sums in another order: the error scales with the largest gradient entry (the
+    # bank's are ~1/bank_radius = 50x the others)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(
+            a, b, atol=1e-5 + 2e-6 * float(np.max(np.abs(b))), rtol=1e-4
+        ),
+        g,
+        g_ref,
+    )
 
 
 def test_pmap_matches_jit() -> None:

@@ -179,13 +179,14 @@ def test_jit_train_step_traces_once_and_regularizers_do_not_accumulate(kind):
     for after_kernel, before_kernel in zip(router_kernels, before_kernels, strict=True):
         assert not np.allclose(after_kernel, before_kernel)
     # the collection holds the last call's terms only: two more calls on the same parameters
-    # and inputs give the same total (accumulated terms would double it)
+    # and inputs give the same total up to MoE's router jitter (accumulated terms would
+    # double it)
     assert regs[0] > 0
     totals = []
     for _ in range(2):
         layer(x, deterministic=False)
         totals.append(float(dsc_jax.regularization_loss(dnnx.collect_regularizers(layer))[0]))
-    np.testing.assert_allclose(totals[1], totals[0], rtol=1e-6)
+    np.testing.assert_allclose(totals[1], totals[0], rtol=0.05)
     assert totals[0] > 0
 
 
