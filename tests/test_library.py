@@ -191,11 +191,17 @@ def _loss_and_grads(model, params, x):
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
 
-@pytest.mark.parametrize("kind", ROUTED)
+# DSC on its gather path (custom JVPs): M=48 > N·K = 36 normalises only the gathered rows.
+DSC_GATHER = DSCConfig(num_bases=48, top_k=3, hidden_dim=24, compute="gather")
+
+
+@pytest.mark.parametrize("kind", [*ROUTED, "dsc_gather"])
 def test_remat_and_scan_gradients_equal_the_plain_model(kind):
     """Loss, regulariser terms and gradients of remat / scan stacks equal the plain stack's
-    (float32, rtol 1e-5, atol 1e-6)."""
-    ffn = FFNS[kind] if kind != "moe" else FFNS[kind].replace(jitter_std=0.0)
+    (float32, rtol 1e-5, atol 1e-6); on the gather path they also equal the dense path's."""
+    ffn = {"moe": FFNS["moe"].replace(jitter_std=0.0), "dsc_gather": DSC_GATHER}.get(
+        kind, FFNS.get(kind)
+    )
     x = tokens_like(3)
     plain = _UserStack(ffn, "plain")
     params = nn.unbox(plain.init(jax.random.key(0), x)["params"])
@@ -213,6 +219,11 @@ def test_remat_and_scan_gradients_equal_the_plain_model(kind):
             np.testing.assert_allclose(other_terms[name], terms[name], **tol)
     chex.assert_trees_all_close(grads_r, grads, **tol)
     chex.assert_trees_all_close(grads_s, _stack_to_scanned(grads), **tol)
+    if kind == "dsc_gather":
+        dense = _UserStack(ffn.replace(compute="dense"), "plain")
+        (loss_d, _), grads_d = _loss_and_grads(dense, params, x)
+        np.testing.assert_allclose(loss_d, loss, **tol)
+        chex.assert_trees_all_close(grads, grads_d, **tol)
 
 
 def test_scan_without_losses_axis_is_caught():
