@@ -24,6 +24,7 @@ from dsc_jax import paper
 from dsc_jax.experiments.presets import METHODS, STUDIES, Study
 from dsc_jax.models.solver import (
     IsoActiveSolution,
+    budget_params,
     count_params,
     fixed_param_count,
     solve_iso_active,
@@ -188,12 +189,15 @@ def method_config(
         )
         config.model[variant.kind].hidden_dim = ffn["hidden_dim"]
     config_lib.validate_config(config)
-    total, active = count_params(config_lib.model_config(config, vocab_size=sol.config.vocab_size))
+    model = config_lib.model_config(config, vocab_size=sol.config.vocab_size)
+    total, active = count_params(model)
+    # The run's own FFN (a variant's router, M or matched H), not the solved default's.
+    budget_total, budget_active = budget_params(model)
     sizes = {
         "total_params": total,
         "active_params": active,
-        "budget_total_params": sol.budget_total_params,
-        "budget_active_params": sol.budget_active_params,
+        "budget_total_params": budget_total,
+        "budget_active_params": budget_active,
         "ffn": ffn,
     }
     return config, sizes
