@@ -77,6 +77,7 @@ def test_package_version_has_one_source():
     assert re.fullmatch(r"\d+\.\d+\.\d+", dsc_jax.__version__)
 
 
+@pytest.mark.slow  # spawns a process
 def test_import_does_not_load_orbax():
     """``import dsc_jax`` leaves orbax (checkpoint loading only) unimported."""
     code = "import sys, dsc_jax; print(sorted(m for m in sys.modules if m.startswith('orbax')))"

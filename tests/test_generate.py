@@ -187,6 +187,7 @@ def trained_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # trains through the trainer (trained_run)
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_load_model_matches_trainer_params(trained_run):
     loaded = load_model(str(trained_run))
@@ -204,6 +205,7 @@ def test_load_model_matches_trainer_params(trained_run):
     np.testing.assert_array_equal(forward(params), forward(saved["params"]))
 
 
+@pytest.mark.slow  # trains through the trainer (trained_run)
 def test_sample_cli_prints_text(trained_run, capsys):
     texts = sample_main(str(trained_run), "def ", max_new_tokens=8, num_samples=2, seed=1)
     out, err = capsys.readouterr()
@@ -215,6 +217,7 @@ def test_sample_cli_prints_text(trained_run, capsys):
     assert again == texts
 
 
+@pytest.mark.slow  # trains through the trainer (trained_run)
 def test_bad_workdirs(tmp_path, trained_run):
     with pytest.raises(RunNotFoundError, match="does not exist"):
         load_model(str(tmp_path / "missing"))
