@@ -302,6 +302,65 @@ def test_logical_axis_rules_merge_into_another_models_rules():
     assert dsc_jax.LOGICAL_AXIS_RULES is LOGICAL_AXIS_RULES
 
 
+def test_layers_on_another_models_one_axis_mesh():
+    """A nanodo-style model: a 1-axis ``("data",)`` mesh of 8 devices, its own rules (FSDP
+    over ``data``). Plain concatenation with :data:`LOGICAL_AXIS_RULES` names mesh axes the
+    mesh lacks (Flax refuses ``tensor``); ``merge_rules(..., mesh=mesh)`` and
+    ``logical_to_shardings`` give every parameter a sharding, and the sharded jitted layer
+    equals the unsharded one (float32, rtol 1e-5)."""
+    from jax.sharding import Mesh
+
+    from dsc_jax.sharding import logical_to_shardings, merge_rules
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    their_rules = (("batch", "data"), ("embed", "data"), ("mlp", None))
+    x = tokens_like(shape=(8, 6, D))
+    for kind, ffn in {**FFNS, "dsc_gather": DSC_GATHER}.items():
+        layer = ffn.make()
+        boxed = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+        specs = nn.get_partition_spec(boxed)
+        if kind != "dense":  # routed layers name "bases" / "experts", ruled onto "tensor"
+            with pytest.raises(ValueError, match="tensor"):
+                nn.logical_to_mesh_sharding(specs, mesh, their_rules + LOGICAL_AXIS_RULES)
+        merged = merge_rules(their_rules, LOGICAL_AXIS_RULES, mesh=mesh)
+        flax_shardings = nn.logical_to_mesh_sharding(specs, mesh, merged)
+        ours = logical_to_shardings(boxed, mesh, their_rules + LOGICAL_AXIS_RULES)
+        for a, b in zip(jax.tree.leaves(flax_shardings), jax.tree.leaves(ours), strict=True):
+            assert a.spec == b.spec, (kind, a.spec, b.spec)
+        params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+        sharded = jax.device_put(params, ours)
+        assert any(
+            leaf.sharding.spec and leaf.sharding.spec[0] == "data"
+            for leaf in jax.tree.leaves(sharded)
+        )  # FSDP over the one axis is real
+        y = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x))(sharded, x)
+        np.testing.assert_allclose(y, layer.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+
+
+def test_merged_rules_mean_the_same_in_linen_and_nnx():
+    """A user rule that replicates the bank, placed before ours: Linen's first-wins and NNX's
+    last-wins lookups disagree on the concatenation, agree on ``merge_rules``."""
+    from flax import nnx
+
+    from dsc_jax import nnx as dnnx
+    from dsc_jax.sharding import merge_rules
+
+    layer = dnnx.DSCLayer(D, num_bases=12, top_k=3, hidden_dim=24, rngs=nnx.Rngs(0))
+    their_rules = (("bases", None),)
+
+    def nnx_bank_spec(rules):
+        with nn.logical_axis_rules(rules):
+            return nnx.get_partition_spec(nnx.state(layer, nnx.Param))["basis_u"].get_value()
+
+    concatenated = their_rules + LOGICAL_AXIS_RULES
+    assert tuple(nn.logical_to_mesh_axes(("bases", "embed"), concatenated)) == (None, "fsdp")
+    assert tuple(nnx_bank_spec(concatenated)) == ("tensor", "fsdp")  # the user's rule lost
+    merged = merge_rules(their_rules, LOGICAL_AXIS_RULES)
+    assert tuple(nn.logical_to_mesh_axes(("bases", "embed"), merged)) == (None, "fsdp")
+    assert tuple(nnx_bank_spec(merged)) == (None, "fsdp")
+    assert dict(merged) == {**dict(LOGICAL_AXIS_RULES), "bases": None}
+
+
 def test_param_trees_use_one_vocabulary():
     x = tokens_like()
     names = {}
