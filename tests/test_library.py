@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import errors as flax_errors
 from flax import traverse_util
 
 import dsc_jax
@@ -359,6 +360,42 @@ def test_merged_rules_mean_the_same_in_linen_and_nnx():
     assert tuple(nn.logical_to_mesh_axes(("bases", "embed"), merged)) == (None, "fsdp")
     assert tuple(nnx_bank_spec(merged)) == (None, "fsdp")
     assert dict(merged) == {**dict(LOGICAL_AXIS_RULES), "bases": None}
+
+
+def test_nn_vmap_ensemble_needs_metadata_params_and_equals_its_members():
+    """``nn.vmap`` over a layer (an ensemble of 3, gather path): without ``metadata_params``
+    Flax refuses our axis-named parameters; with it, outputs and regularisers equal each
+    member's own ``apply`` (float32, rtol 1e-5) and the stacked axis is named."""
+    fields = dict(num_bases=48, top_k=3, hidden_dim=24, compute="gather")
+    x = tokens_like()
+
+    def ensemble(**metadata):
+        return nn.vmap(
+            dsc_jax.DSCLayer,
+            variable_axes={"params": 0, "losses": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            axis_size=3,
+            **metadata,
+        )(**fields)
+
+    with pytest.raises(flax_errors.PartitioningUnspecifiedError):
+        ensemble().init(jax.random.key(0), x)
+    model = ensemble(metadata_params={nn.PARTITION_NAME: "layers"})
+    boxed = model.init(jax.random.key(0), x)["params"]
+    assert nn.get_partition_spec(boxed)["basis_u"] == jax.sharding.PartitionSpec(
+        "layers", "bases", "embed"
+    )
+    params = nn.unbox(boxed)
+    ys, state = model.apply({"params": params}, x, mutable=["losses"])
+    assert ys.shape == (3, *x.shape)
+    single = dsc_jax.DSCLayer(**fields)
+    for i in range(3):
+        member = jax.tree.map(lambda leaf, i=i: leaf[i], params)
+        y, member_state = single.apply({"params": member}, x, mutable=["losses"])
+        np.testing.assert_allclose(ys[i], y, rtol=1e-5, atol=1e-6)
+        for name, (value,) in member_state["losses"].items():
+            np.testing.assert_allclose(state["losses"][name][0][i], value, rtol=1e-5)
 
 
 def test_param_trees_use_one_vocabulary():
