@@ -284,3 +284,19 @@ def test_eval_shape_under_a_mesh_gives_a_sharded_restore(kind):
     restored = nnx.merge(graphdef, state)
     assert restored.params.keys() == original.params.keys()
     chex.assert_trees_all_close(restored(inputs()), original(inputs()), **TOL)
+
+
+def test_regularizers_after_deterministic_calls_linen_and_nnx():
+    """What ``regularization_loss``'s error text says: Linen sows the terms whatever
+    ``deterministic`` (once ``"losses"`` is mutable); an NNX deterministic call leaves zeros;
+    the empty-collection error names both recipes."""
+    linen_layer, layer = make_pair("dsc")
+    x = inputs()
+    _, state = linen_layer.apply({"params": layer.params}, x, mutable=["losses"])
+    total, _ = dsc_jax.regularization_loss(state["losses"])
+    assert float(total) > 0
+    layer(x, deterministic=True)
+    total, _ = dsc_jax.regularization_loss(dnnx.collect_regularizers(layer))
+    assert float(total) == 0.0
+    with pytest.raises(ValueError, match=r"mutable=\['losses'\].*NNX.*deterministic=False"):
+        dsc_jax.regularization_loss({})
