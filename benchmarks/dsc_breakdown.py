@@ -48,7 +48,7 @@ def parts(layer: DSCLayer, params: dict, x: jax.Array, key: jax.Array) -> dict[s
     def router(tokens: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
         inputs = router_in(tokens)
         raw = inputs @ kernel.astype(jnp.float32) + bias
-        selected = jnp.take_along_axis(jax.lax.stop_gradient(raw), indices, axis=-1)
+        selected = jnp.take_along_axis(raw, indices, axis=-1)  # its own tangent is ignored
         return dsc_contract.sparse_logit_gradient(selected, inputs, kernel, bias, indices)
 
     def top_k_part(raw: jax.Array) -> jax.Array:

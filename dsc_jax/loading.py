@@ -23,7 +23,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from dsc_jax.data.tokenizers import Tokenizer, build_tokenizer
 from dsc_jax.models.gpt import GPT, GPTConfig
@@ -123,7 +122,10 @@ def abstract_params(config: GPTConfig, sharding: jax.sharding.Sharding | None = 
 
 def restore_params(path: str, target: Any) -> Any:
     """The ``params`` of the orbax ``state`` item at ``path`` (a ``<step>/state`` folder),
-    restored onto ``target`` (abstract tree with shardings); nothing else is read."""
+    restored onto ``target`` (abstract tree with shardings); nothing else is read. Orbax is
+    imported here, not with the package (``import dsc_jax`` stays light)."""
+    import orbax.checkpoint as ocp
+
     item = {"params": target}
     restore = ocp.args.PyTreeRestore(
         item=item,

@@ -6,12 +6,15 @@ creates as :class:`flax.nnx.Param` attributes under the same names (``layer.mlp_
 needed: ``eager_sharding=False``). A call rebuilds the ``params`` dict and runs the Linen
 ``apply``: one copy of the math, the same parameter tree.
 
-Every call OVERWRITES two variables of fixed structure (so ``nnx.jit`` traces a step once):
+Every call OVERWRITES two groups of variables of fixed structure (so ``nnx.jit`` traces a step
+once), one array per variable (so ``nnx.eval_shape`` under a mesh gives each a sharding):
 
 * :class:`Regularizer`: the unweighted regularisers of the call (the Linen ``"losses"``
   collection: ``aux``, ``budget``, ``frame``, ``z``); zeros after a ``deterministic`` call;
 * :class:`Diagnostic`: per-call routing sums (:func:`dsc_jax.layers.diagnostics.routing_statistics`:
   ``usage [M or E]`` selection counts, ``tokens``; DSC also ``signal_sum``, ``collapsed``).
+
+Read them with :func:`collect_regularizers` / :func:`collect_diagnostics` (nested mappings).
 
 Usage::
 
@@ -58,12 +61,13 @@ __all__ = [
 
 
 class Regularizer(nnx.Variable):
-    """The unweighted regularisers of a module's latest call: the Linen ``"losses"``
-    collection, ``{term: (float32 scalar,)}`` (nested by submodule for a GPT)."""
+    """One unweighted regulariser value of a module's latest call (a float32 scalar, or
+    stacked per layer); :func:`collect_regularizers` returns them as the Linen ``"losses"``
+    collection, ``{term: (value,)}`` (nested by submodule for a GPT)."""
 
 
 class Diagnostic(nnx.Variable):
-    """Routing sums of a module's latest call (fixed shapes; see the module docstring)."""
+    """One routing sum of a module's latest call (fixed shape; see the module docstring)."""
 
 
 def _to_param(leaf: Any) -> nnx.Param:
@@ -96,10 +100,13 @@ class FromLinen(nnx.Module):
         default one) is forked for the dropout / router-jitter keys of training calls.
 
     Attributes: the Linen parameters under their Linen names (``nnx.Dict`` for submodules),
-    ``regularizers`` (:class:`Regularizer`), ``diagnostics`` (:class:`Diagnostic`).
+    ``regularizers`` (``nnx.List`` of :class:`Regularizer`), ``diagnostics`` (``nnx.List`` of
+    :class:`Diagnostic`): one array each, in the order of their static tree structures.
     """
 
-    _OWN = frozenset({"linen", "rngs", "regularizers", "diagnostics"})
+    _OWN = frozenset(
+        {"linen", "rngs", "regularizers", "diagnostics", "regularizer_tree", "diagnostic_tree"}
+    )
 
     def __init__(self, module: nn.Module, example: jax.Array, *, rngs: nnx.Rngs):
         self.linen = module
@@ -119,8 +126,10 @@ class FromLinen(nnx.Module):
         _, losses, stats = jax.eval_shape(
             lambda p, x, k: self._run(p, x, False, k), params, example, jax.random.key(0)
         )  # fixed structure of the per-call variables (independent of the input's shape)
-        self.regularizers = Regularizer(jax.tree.map(_zeros, losses))
-        self.diagnostics = Diagnostic(jax.tree.map(_zeros, stats))
+        self.regularizer_tree = jax.tree.structure(losses)  # static
+        self.diagnostic_tree = jax.tree.structure(stats)
+        self.regularizers = nnx.List([Regularizer(_zeros(s)) for s in jax.tree.leaves(losses)])
+        self.diagnostics = nnx.List([Diagnostic(_zeros(s)) for s in jax.tree.leaves(stats)])
 
     def _run(self, params: Any, x: jax.Array, deterministic: bool, key: jax.Array | None):
         """Pure Linen apply: ``(y, losses, routing sums)``."""
@@ -172,10 +181,25 @@ class FromLinen(nnx.Module):
             key = source if isinstance(source, jax.Array) else source()
         y, losses, stats = self._run(self.params, x, deterministic, key)
         if deterministic:  # the Linen layers compute no regularisers then
-            losses = jax.tree.map(jnp.zeros_like, self.regularizers.get_value())
-        self.regularizers.set_value(losses)
-        self.diagnostics.set_value(stats)
+            losses = jax.tree.map(jnp.zeros_like, self.regularizer_values())
+        _store(self.regularizers, self.regularizer_tree, losses)
+        _store(self.diagnostics, self.diagnostic_tree, stats)
         return y
+
+    def regularizer_values(self) -> Any:
+        """The latest call's regularisers as the Linen ``"losses"`` collection."""
+        return self.regularizer_tree.unflatten([v.get_value() for v in self.regularizers])
+
+    def diagnostic_values(self) -> Any:
+        """The latest call's routing sums (nested mapping)."""
+        return self.diagnostic_tree.unflatten([v.get_value() for v in self.diagnostics])
+
+
+def _store(variables: nnx.List, treedef: Any, tree: Any) -> None:
+    """Overwrite ``variables`` (one per leaf) with the leaves of ``tree`` (structure
+    ``treedef``)."""
+    for variable, leaf in zip(variables, treedef.flatten_up_to(tree), strict=True):
+        variable.set_value(leaf)
 
 
 def _zeros(shape: jax.ShapeDtypeStruct) -> jax.Array:
@@ -247,15 +271,16 @@ class GPT(FromLinen):
         super().__init__(linen_gpt.GPT(cfg), jnp.zeros((1, 1), jnp.int32), rngs=rngs)
 
 
-def _collect(model: nnx.Module, var_type: type[nnx.Variable]) -> dict[str, Any]:
-    """Values of every ``var_type`` variable, nested by the path of the module holding it."""
+def _collect(model: nnx.Module, values: str) -> dict[str, Any]:
+    """``layer.<values>()`` of every :class:`FromLinen` layer in ``model``, nested by the
+    layer's path."""
     out: dict[str, Any] = {}
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, var_type):
+        if isinstance(node, FromLinen):
             target = out
-            for key in path[:-1]:
+            for key in path:
                 target = target.setdefault(str(key), {})
-            target.update(node.get_value())
+            target.update(getattr(node, values)())
     return out
 
 
@@ -263,12 +288,12 @@ def collect_regularizers(model: nnx.Module) -> dict[str, Any]:
     """The latest call's unweighted regularisers of every layer in ``model``, as a nested
     mapping for :func:`dsc_jax.regularization_loss` (``{"ffn": {"aux": (x,), ...}}``; the
     terms of ``model`` itself at the top level)."""
-    return _collect(model, Regularizer)
+    return _collect(model, "regularizer_values")
 
 
 def collect_diagnostics(model: nnx.Module) -> dict[str, Any]:
     """The latest call's routing sums of every layer in ``model``, nested by path."""
-    return _collect(model, Diagnostic)
+    return _collect(model, "diagnostic_values")
 
 
 def pop_regularizers(model: nnx.Module) -> dict[str, Any]:

@@ -127,6 +127,40 @@ def normalize_rules(rules: Rules | Mapping[str, MeshAxes]) -> tuple[tuple[str, M
     return tuple(out)
 
 
+def merge_rules(
+    *rule_sets: Rules | Mapping[str, MeshAxes], mesh: Mesh | Any | None = None
+) -> tuple[tuple[str, MeshAxes], ...]:
+    """Logical-axis rule sets merged into one rule per name, the first occurrence winning.
+
+    Linen applies rules in order (the first rule for a name wins) while Flax NNX looks them
+    up in a dict (the LAST duplicate wins), so ``your_rules + LOGICAL_AXIS_RULES`` means
+    different things in the two; the merged rules have no duplicate and mean the same in
+    both. With ``mesh`` (a ``Mesh`` or ``AbstractMesh``), mesh axes it lacks are dropped (a
+    rule left without axes replicates), so Flax's own ``nn.logical_to_mesh_sharding``,
+    ``nn.get_sharding`` and NNX's shardings accept the rules on another model's mesh, e.g. a
+    1-axis ``("data",)`` mesh. Example::
+
+        rules = merge_rules(your_rules, dsc_jax.LOGICAL_AXIS_RULES, mesh=mesh)
+
+    Args:
+      rule_sets: rules as ``(name, mesh_axes)`` pairs or mappings, highest priority first.
+      mesh: restrict the mesh axes to this mesh's (None: keep every axis).
+
+    Returns:
+      Ordered ``(name, mesh_axes)`` pairs, one per logical name.
+    """
+    merged: dict[str, MeshAxes] = {}
+    for rules in rule_sets:
+        for name, axes in normalize_rules(rules):
+            merged.setdefault(name, axes)
+    if mesh is not None:
+        present = set(mesh.axis_names)
+        for name, axes in merged.items():
+            kept = tuple(a for a in _axis_tuple(axes) if a in present)
+            merged[name] = None if not kept else (kept[0] if len(kept) == 1 else kept)
+    return tuple(merged.items())
+
+
 def parse_rule_overrides(
     text: str, base: Rules | Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES
 ) -> tuple[tuple[str, MeshAxes], ...]:

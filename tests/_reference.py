@@ -1,10 +1,14 @@
-"""Independent float64 NumPy reference of the DSC layer (spec §2-§3), written for the tests."""
+"""References of the DSC layer written for the tests: an independent float64 NumPy one
+(:func:`dsc_reference`, spec §2-§3) and a plain-JAX one without custom derivative rules
+(:func:`plain_dsc_apply`) for checking the layer's derivatives of every order."""
 
 from __future__ import annotations
 
 import math
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -80,3 +84,43 @@ def dsc_reference(
         - 2 * max(0.0, num_bases**2 / unit_u.shape[1] - num_bases),
         "z": np.mean(lse**2),
     }
+
+
+def plain_dsc_apply(layer: nn.Module, params: dict, x: jax.Array) -> jax.Array:
+    """``DSCLayer.apply`` in plain JAX: dense ``[N, M]`` logits (both routers), ``lax.top_k`` on
+    ``softplus(clip(r))``, whole-bank normalisation and an einsum contraction, differentiated
+    by autodiff only (no custom JVP/VJP, no stop-gradients). ``params``: the layer's unboxed
+    parameters; ``x: [..., d]``. Ties between logits are assumed absent."""
+    p = params
+    d = x.shape[-1]
+    tokens = x.reshape(-1, d).astype(jnp.float32)
+    static = jax.nn.gelu(tokens @ p["mlp_in"]["kernel"], approximate=False)
+    static = static @ p["mlp_out"]["kernel"]
+    router_in = tokens
+    if layer.variant == "refined":
+        mean = tokens.mean(-1, keepdims=True)
+        var = jnp.mean(jnp.square(tokens - mean), -1, keepdims=True)
+        router_in = (tokens - mean) / jnp.sqrt(var + 1e-5)
+        router_in = router_in * p["router_norm"]["scale"] + p["router_norm"]["bias"]
+    if layer.router == "product_key":
+        half = d // 2
+        keys = p["router"]
+        s1 = router_in[:, :half] @ keys["keys_1"]["kernel"] + keys["keys_1"]["bias"]
+        s2 = router_in[:, half:] @ keys["keys_2"]["kernel"] + keys["keys_2"]["bias"]
+        logits = (s1[:, :, None] + s2[:, None, :]).reshape(tokens.shape[0], -1)
+    else:
+        logits = router_in @ p["router"]["kernel"] + p["router"]["bias"]
+    alpha = jax.nn.softplus(jnp.clip(logits, -layer.tau, layer.tau))
+    phi, indices = jax.lax.top_k(alpha, layer.top_k)
+    signal = phi.sum(-1, keepdims=True)
+    gates = phi / (signal + layer.eps) * jnp.tanh(signal)
+
+    def unit(bank: jax.Array) -> jax.Array:
+        norms = jnp.sqrt(jnp.sum(jnp.square(bank), axis=-1, keepdims=True))
+        return bank / jnp.maximum(norms, layer.eps)
+
+    rows_u = jnp.take(unit(p["basis_u"]), indices, axis=0)  # [N, K, d]
+    rows_v = jnp.take(unit(p["basis_v"]), indices, axis=0)
+    projections = jnp.einsum("nd,nkd->nk", tokens, rows_u)
+    dynamic = jnp.einsum("nk,nkd->nd", projections * gates, rows_v)
+    return (static + dynamic * p["gamma"]).reshape(x.shape)

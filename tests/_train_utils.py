@@ -13,6 +13,15 @@ import ml_collections
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("step_time", "tokens_per_sec")
+#: Seconds a trainer subprocess may run before its test fails (a hang fails one test instead
+#: of stalling the suite): ``timeout=`` of every ``subprocess.run`` / ``communicate``.
+PROCESS_TIMEOUT = 600
+
+
+def time_limit(seconds: float) -> float:
+    """A test's wall-clock limit scaled by ``DSC_TEST_TIME_SCALE`` (default 1; e.g. 3 on a
+    loaded machine), so that "exits within seconds" checks do not flake under load."""
+    return seconds * float(os.environ.get("DSC_TEST_TIME_SCALE", "1"))
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import re
+import subprocess
+import sys
+import tomllib
 
 import flax.linen as nn
 import pytest
 
+import dsc_jax
 from tests._train_utils import REPO
 
 SHAPE = re.compile(r"\[(\.\.\.|B)[^\]]*\]")  # an input/output shape like [..., d] or [B, T]
@@ -61,3 +66,28 @@ def test_layers_and_models_document_shapes_and_an_example():
             if not (SHAPE.search(doc) and "Example" in doc):
                 bad.append(f"{module_name}.{name}")
     assert not bad, f"class docstrings without an input/output shape and an example: {bad}"
+
+
+def test_package_version_has_one_source():
+    """``pyproject.toml`` reads its version from ``dsc_jax.__version__`` (no second copy)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"], "pyproject.toml repeats the version"
+    assert project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dsc_jax.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dsc_jax.__version__)
+
+
+@pytest.mark.slow  # spawns a process
+def test_import_does_not_load_orbax():
+    """``import dsc_jax`` leaves orbax (checkpoint loading only) unimported."""
+    code = "import sys, dsc_jax; print(sorted(m for m in sys.modules if m.startswith('orbax')))"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]", result.stdout

@@ -223,3 +223,31 @@ def test_sphere_init_puts_every_row_at_the_radius():
         assert np.allclose(norms, 0.5, rtol=1e-5) == expect_on_sphere, norms
     with pytest.raises(ValueError, match="bank_init='unit'"):
         DSCLayer(num_bases=64, top_k=2, hidden_dim=8, bank_init="unit")
+
+
+def test_tangent_projection_keeps_the_tangential_part():
+    """``Δ − (Δ·u) u`` exactly (float64 by hand), not merely something without a radial part
+    (zeros would pass that check); non-bank leaves pass through."""
+    params = toy_params(1)
+    keys = jax.random.split(jax.random.key(7), 3)
+    updates = {
+        "ffn": {
+            "basis_u": jax.random.normal(keys[0], (M, D)),
+            "basis_v": jax.random.normal(keys[1], (M, D)),
+            "router": {"kernel": jax.random.normal(keys[2], (D, M))},
+        },
+        "w": jnp.ones((D, D)),
+    }
+    projected = tangent_project_bank(params, updates)
+    for name in ("basis_u", "basis_v"):
+        rows = np.asarray(params["ffn"][name], np.float64)
+        unit = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+        delta = np.asarray(updates["ffn"][name], np.float64)
+        want = delta - np.sum(delta * unit, -1, keepdims=True) * unit
+        assert np.min(np.linalg.norm(want, axis=-1)) > 0.3  # far from zero
+        np.testing.assert_allclose(projected["ffn"][name], want, atol=1e-5, err_msg=name)
+    for path in (("ffn", "router", "kernel"), ("w",)):
+        got, want = projected, updates
+        for key in path:
+            got, want = got[key], want[key]
+        np.testing.assert_array_equal(got, want)

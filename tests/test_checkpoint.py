@@ -126,6 +126,31 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, corrupt, caplog):
     assert Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0))).step == 3
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_two_corrupt_latest_fall_back_over_both(tmp_path, caplog):
+    """Steps 3 and 2 corrupt (two kinds): step 1 restores, both are quarantined (one warning
+    each), and both steps can be written again."""
+    directory = str(tmp_path / "ckpt")
+    save_steps(directory).close()
+    _flip_data_bytes(directory, 3)
+    _wrong_fingerprint(directory, 2)
+    ckpt = Checkpointer(directory, keep=3)
+    restored = ckpt.restore_latest(abstract(make_tree(0)))
+    assert restored.step == 1
+    assert_tree_equal(restored.tree, make_tree(1))
+    warnings_logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_logged) == 2
+    assert any("/3 " in w for w in warnings_logged) and any("/2 " in w for w in warnings_logged)
+    assert ckpt.all_steps() == [1]
+    assert sorted(n.split("-")[0] for n in os.listdir(directory + ".corrupt")) == ["2", "3"]
+    for step in (2, 3):
+        ckpt.save(step, make_tree(step), {"step": step})
+    ckpt.close()
+    restored = Checkpointer(directory, keep=3).restore_latest(abstract(make_tree(0)))
+    assert restored.step == 3
+    assert_tree_equal(restored.tree, make_tree(3))
+
+
 def test_all_unreadable_is_refused_and_nothing_moves(tmp_path):
     """Used to return None (the trainer then started a fresh run over the old one)."""
     directory = str(tmp_path / "ckpt")

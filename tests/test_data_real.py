@@ -1,4 +1,5 @@
-"""Real text from ../shared/data (skipped where absent): GPT-2 tokens and the paper pipeline."""
+"""Real text from ../shared/data (skipped where absent, failed instead with
+``DSC_REQUIRE_SHARED_DATA=1``): GPT-2 tokens and the paper pipeline."""
 
 import numpy as np
 import pytest
@@ -105,3 +106,23 @@ def test_wikitext103_builder_paper_pipeline_on_real_files(shared_data, tmp_path)
     # (the two files differ, so only roughly).
     assert 0.05 < len(b.validation_tokens) / len(b.train_tokens) < 0.2
     assert len(b.eval_batches(2, 4)) == 2
+
+
+def test_missing_shared_data_skips_or_fails_as_switched(tmp_path):
+    """Without the switch a missing folder or entry skips; ``DSC_REQUIRE_SHARED_DATA=1``
+    fails instead (naming what is missing); a complete folder is returned either way."""
+    from tests.conftest import SHARED_DATA_ENTRIES, locate_shared_data
+
+    with pytest.raises(pytest.skip.Exception, match="lacks"):
+        locate_shared_data(tmp_path / "absent", {})
+    with pytest.raises(pytest.fail.Exception, match=r"lacks tinyshakespeare\.txt.*must run"):
+        locate_shared_data(tmp_path / "absent", {"DSC_REQUIRE_SHARED_DATA": "1"})
+    for name in SHARED_DATA_ENTRIES[:-1]:
+        (tmp_path / name).write_text("x")
+    with pytest.raises(pytest.fail.Exception, match="lacks gpt2 "):
+        locate_shared_data(tmp_path, {"DSC_REQUIRE_SHARED_DATA": "1"})
+    (tmp_path / "gpt2").mkdir()
+    assert locate_shared_data(tmp_path, {"DSC_REQUIRE_SHARED_DATA": "1"}) == tmp_path
+    assert locate_shared_data(tmp_path, {"DSC_REQUIRE_SHARED_DATA": "0"}) == tmp_path
+    with pytest.raises(pytest.fail.Exception, match="DSC_REQUIRE_SHARED_DATA='yes'"):
+        locate_shared_data(tmp_path, {"DSC_REQUIRE_SHARED_DATA": "yes"})

@@ -306,3 +306,61 @@ def test_bad_inputs_raise():
         layer.apply({"params": params}, jnp.ones((2, D_MODEL), jnp.int32))
     with pytest.raises(ValueError, match="dtype int32 is not allowed"):
         layer.init(jax.random.key(0), jnp.ones((2, D_MODEL), jnp.int32))
+
+
+@pytest.mark.parametrize("compute", ["gather", "dense"])
+def test_logit_clip_tau_bounds_phi(compute):
+    """φ = softplus(clip(r, -τ, τ)): at τ = 1 with logits spread to ±4 most selected logits
+    exceed τ, so a plain softplus would give other gates, a larger S and other picks."""
+    tau = 1.0
+    layer = make_layer("refined", compute=compute, tau=tau)
+    params = init_params(layer, seed=2)
+    params["router"] = jax.tree.map(lambda w: w * 4.0, params["router"])
+    x = inputs(4)
+    y, inter, _ = apply_all(layer, params, x)
+    ref = dsc_reference(
+        to_numpy64(params), np.asarray(x).reshape(-1, D_MODEL), TOP_K, "refined", tau=tau
+    )
+    raw = _raw_logits_reference(to_numpy64(params), np.asarray(x).reshape(-1, D_MODEL))
+    selected = np.take_along_axis(raw, ref["indices"], -1)
+    assert np.mean(selected > tau) > 0.5  # the clip is active
+    np.testing.assert_array_equal(inter["top_k_indices"][0].reshape(-1, TOP_K), ref["indices"])
+    np.testing.assert_allclose(inter["gates"][0].reshape(-1, TOP_K), ref["gates"], atol=1e-6)
+    signal = inter["signal"][0].reshape(-1)
+    np.testing.assert_allclose(signal, ref["signal"], rtol=1e-5)
+    assert np.all(signal <= TOP_K * np.log1p(np.exp(tau)) + 1e-5)
+    np.testing.assert_allclose(y.reshape(-1, D_MODEL), ref["output"], atol=ATOL, rtol=RTOL)
+
+
+def _raw_logits_reference(p64: dict, x: np.ndarray) -> np.ndarray:
+    """``LN(x) @ W + b`` in float64 (the refined router's raw logits)."""
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    normed = (x - mean) / np.sqrt(var + 1e-5) * p64["router_norm"]["scale"]
+    normed = normed + p64["router_norm"]["bias"]
+    return normed @ p64["router"]["kernel"] + p64["router"]["bias"]
+
+
+@pytest.mark.parametrize("compute", ["gather", "dense"])
+def test_budget_loss_below_target(compute):
+    """S < μ: ``L_budget = (μ − mean S)²`` > 0 against the float64 signal, and its gradient
+    raises every selected router bias (more signal) and none of the others."""
+    target = 2.0
+    layer = make_layer("refined", compute=compute, budget_target=target)
+    params = init_params(layer, seed=3)
+    params["router"] = dict(params["router"], bias=params["router"]["bias"] - 6.0)  # small S
+    x = inputs(5)
+    losses = apply_all(layer, params, x)[2]
+    ref = dsc_reference(to_numpy64(params), np.asarray(x).reshape(-1, D_MODEL), TOP_K, "refined")
+    assert ref["signal"].mean() < target - 0.5
+    want = (target - ref["signal"].mean()) ** 2
+    np.testing.assert_allclose(losses["budget"], want, rtol=1e-5)
+
+    def budget(bias):
+        p = dict(params, router=dict(params["router"], bias=bias))
+        return apply_all(layer, p, x)[2]["budget"]
+
+    grad = np.asarray(jax.grad(budget)(params["router"]["bias"]))
+    picked = np.zeros(NUM_BASES, bool)
+    picked[np.unique(ref["indices"])] = True
+    assert np.all(grad[picked] < 0) and np.all(grad[~picked] == 0), grad

@@ -1,5 +1,6 @@
-"""The DSC fast paths against their plain definitions: the block-pruned top-K, the custom-VJP
-gathered contraction and the sparse router-logit gradient (values and gradients)."""
+"""The DSC fast paths against their plain definitions: the block-pruned top-K, the custom-JVP
+gathered contraction and the sparse router-logit gradient (values and gradients; higher
+orders and forward mode in tests/test_transforms.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from dsc_jax.layers import dsc_contract, dsc_router
 from dsc_jax.layers.dsc import DSCLayer
-from tests._reference import dsc_reference, to_numpy64
+from tests._reference import dsc_reference, plain_dsc_apply, to_numpy64
 
 TAU = 5.0
 
@@ -163,23 +164,7 @@ def test_layer_with_pruned_top_k_matches_reference_and_plain_gradients(compute):
     np.testing.assert_allclose(y.reshape(-1, d), ref["output"], atol=1e-5, rtol=1e-4)
 
     def plain(params, x):  # the pre-fast-path math: dense autodiff everywhere
-        p = params
-        tokens = x.reshape(-1, d)
-        static = jax.nn.gelu(tokens @ p["mlp_in"]["kernel"], approximate=False)
-        static = static @ p["mlp_out"]["kernel"]
-        mean = tokens.mean(-1, keepdims=True)
-        var = jnp.mean(jnp.square(tokens - mean), -1, keepdims=True)
-        normed = (tokens - mean) / jnp.sqrt(var + 1e-5)
-        normed = normed * p["router_norm"]["scale"] + p["router_norm"]["bias"]
-        logits = normed @ p["router"]["kernel"] + p["router"]["bias"]
-        phi, idx = jax.lax.top_k(jax.nn.softplus(jnp.clip(logits, -layer.tau, layer.tau)), k)
-        signal = phi.sum(-1, keepdims=True)
-        gates = phi / (signal + layer.eps) * jnp.tanh(signal)
-        unit = {
-            name: dsc_router.normalize_rows(p[name], layer.eps) for name in ("basis_u", "basis_v")
-        }
-        dynamic = einsum_contraction(tokens, unit["basis_u"], unit["basis_v"], idx, gates)
-        return (static + dynamic * p["gamma"]).reshape(x.shape)
+        return plain_dsc_apply(layer, params, x)
 
     cotangent = jax.random.normal(jax.random.key(8), x.shape)
 

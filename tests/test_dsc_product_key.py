@@ -234,6 +234,62 @@ def test_selection_aux_is_switch_style_over_all_atoms() -> None:
         assert bool(jnp.all(grad[:, 0] > 0)) and bool(jnp.all(grad[:, 1:] < 0))
 
 
+def _scores_reference(params: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two score tables ``s₁ [N, n₁]``, ``s₂ [N, n₂]`` in float64 (refined router)."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    q = (x - mean) / np.sqrt(var + 1e-5) * p["router_norm"]["scale"] + p["router_norm"]["bias"]
+    keys = p["router"]
+    half = x.shape[-1] // 2
+    s1 = q[:, :half] @ keys["keys_1"]["kernel"] + keys["keys_1"]["bias"]
+    s2 = q[:, half:] @ keys["keys_2"]["kernel"] + keys["keys_2"]["bias"]
+    return s1, s2
+
+
+def _softmax(s: np.ndarray) -> np.ndarray:
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_product_key_aux_choice_through_the_layer() -> None:
+    """The layer sows the chosen load-balancing loss: each ``product_key_aux`` against its
+    float64 formula on the layer's own score tables and picks (rtol 1e-4; scores below τ/2,
+    so no clipping), and the three values differ (a wrong dispatch fails)."""
+    x = np.asarray(jax.random.normal(jax.random.key(20), (9, D)), np.float64)
+    got = {}
+    for kind in ("marginal", "joint", "selection"):
+        layer = _layer(product_key_aux=kind)
+        params = _params(layer, seed=4, key_scale=8.0)
+        _, state = layer.apply(
+            {"params": params},
+            jnp.asarray(x, jnp.float32),
+            mutable=["losses", "intermediates"],
+        )
+        got[kind] = float(state["losses"]["aux"][0])
+        indices = np.asarray(state["intermediates"]["top_k_indices"][0]).reshape(-1)
+    s1, s2 = _scores_reference(params, x)  # same seed: the same parameters for every kind
+    assert max(np.abs(s1).max(), np.abs(s2).max()) < 10.0  # < τ/2: the clips change nothing
+    p1, p2 = _softmax(s1).mean(0), _softmax(s2).mean(0)
+    full = (s1[:, :, None] + s2[:, None, :]).reshape(len(x), -1)
+    atoms = _softmax(full).mean(0)  # [M]
+    picks = np.bincount(indices, minlength=atoms.size) / indices.size
+    want = {
+        "marginal": 0.5 * (p1.size * np.sum(p1**2) + p2.size * np.sum(p2**2)),
+        "joint": atoms.size * np.sum(atoms**2),
+        "selection": atoms.size * np.sum(picks * atoms),
+    }
+    for kind, value in want.items():
+        assert got[kind] == pytest.approx(value, rel=1e-4), kind
+    assert (
+        min(
+            abs(want[a] - want[b])
+            for a, b in [("marginal", "joint"), ("joint", "selection"), ("marginal", "selection")]
+        )
+        > 1e-2
+    )
+
+
 def test_bad_bank_sizes_raise_clearly() -> None:
     with pytest.raises(ValueError, match="perfect square"):
         DSCLayer(num_bases=50, top_k=2, hidden_dim=4, router="product_key")

@@ -44,11 +44,13 @@ from dsc_jax.train.workdir import (
     WorkdirLockLostError,
 )
 from tests._train_utils import (
+    PROCESS_TIMEOUT,
     REPO,
     assert_same_metrics,
     last_step,
     load_config,
     start_process,
+    time_limit,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compiles")]
@@ -114,7 +116,7 @@ def train_cmd(workdir: str, steps_: int, cache: str, *extra: str) -> list[str]:
 
 
 def wait_for_step(proc: subprocess.Popen, workdir: str, step: int, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
+    deadline = time.time() + time_limit(timeout)
     while last_step(workdir) < step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None and last_step(workdir) >= step, proc.stdout.read()
@@ -123,7 +125,7 @@ def wait_for_step(proc: subprocess.Popen, workdir: str, step: int, timeout: floa
 def stop(proc: subprocess.Popen) -> str:
     if proc.poll() is None:
         proc.kill()
-    return proc.communicate()[0]
+    return proc.communicate(timeout=PROCESS_TIMEOUT)[0]
 
 
 # 1. Every checkpoint unreadable: refuse (nothing moved or rewritten); start_over sets aside.
@@ -221,20 +223,25 @@ def test_second_run_on_a_workdir_exits_at_once_and_kill9_frees_the_lock(tmp_path
         assert holder.stdout.readline().strip() == "locked"
         started = time.time()
         second = subprocess.run(
-            train_cmd(workdir, 4, cache_dir), cwd=REPO, env=env(), capture_output=True, text=True
+            train_cmd(workdir, 4, cache_dir),
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
         )
         elapsed = time.time() - started
         assert second.returncode != 0
         assert f"pid {holder.pid}" in second.stderr and "host " in second.stderr, second.stderr
         assert "Traceback" not in second.stderr
         assert not os.path.exists(os.path.join(workdir, "checkpoints"))
-        assert elapsed < 60
+        assert elapsed < time_limit(60), elapsed
         print(f"second run on a locked workdir exited after {elapsed:.1f} s (with start-up)")
         with pytest.raises(WorkdirLockedError, match=f"pid {holder.pid}"):
             train_and_evaluate(tiny(cache_dir), workdir)  # in-process too
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=PROCESS_TIMEOUT)
     with WorkdirLock(workdir):  # not stale after kill -9
         pass
 
@@ -253,14 +260,14 @@ def test_unwritable_checkpoint_dir_mid_run_exits_within_seconds(tmp_path, cache_
         with open(checkpoints, "w"):  # a file where the folder was: every write fails
             pass
         started = time.time()
-        output, _ = proc.communicate(timeout=60)
+        output, _ = proc.communicate(timeout=time_limit(60))
         elapsed = time.time() - started
     finally:
         output = stop(proc) if proc.poll() is None else output
     assert proc.returncode == 1, output
     assert "dsc-train: error: could not write" in output, output
     assert "Traceback" not in output, output
-    assert elapsed < 30, elapsed
+    assert elapsed < time_limit(30), elapsed
     print(f"exit {elapsed:.1f} s after the checkpoint folder became unwritable\n{output}")
     assert [n for n in os.listdir(checkpoints + ".moved") if n.isdigit()]  # last good one kept
 
@@ -293,7 +300,7 @@ def test_failed_save_raises_on_every_path(
     started = time.time()
     with pytest.raises(CheckpointWriteError, match="could not write"):
         train_and_evaluate(config, workdir)
-    assert time.time() - started < 60
+    assert time.time() - started < time_limit(60)
     stuck = [t for t in threading.enumerate() if "Signaling" in type(t).__name__]
     for t in stuck:
         threading.Thread.join(t, timeout=5)  # orbax's join re-raises the save error
@@ -359,7 +366,7 @@ def test_second_ctrl_c_stops_at_once_even_when_blocked(tmp_path, cache_dir):
         started = time.time()
         proc.send_signal(signal.SIGINT)
         try:
-            output, _ = proc.communicate(timeout=20)
+            output, _ = proc.communicate(timeout=time_limit(20))
         except subprocess.TimeoutExpired:
             pytest.fail("a second SIGINT did not stop the process within 20 s")
         elapsed = time.time() - started
@@ -367,7 +374,7 @@ def test_second_ctrl_c_stops_at_once_even_when_blocked(tmp_path, cache_dir):
         stop(proc)
     assert proc.returncode == 128 + signal.SIGINT, output
     assert "SIGINT received again: stopping now" in output, output
-    assert elapsed < 10, elapsed
+    assert elapsed < time_limit(10), elapsed
     print(f"exit {elapsed:.2f} s after the second SIGINT (main thread blocked in a step)")
     with WorkdirLock(workdir):  # the kernel dropped the lock
         pass
@@ -386,7 +393,7 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path, cache_dir):
             wait_for_step(proc, workdir, last_step(workdir) + chooser.randint(1, 3))
             time.sleep(chooser.uniform(0.0, 0.05))
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.wait(timeout=PROCESS_TIMEOUT)
         finally:
             stop(proc)
     assert last_step(workdir) < total
@@ -396,6 +403,7 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path, cache_dir):
         env=env(),
         capture_output=True,
         text=True,
+        timeout=PROCESS_TIMEOUT,
     )
     assert final.returncode == 0, final.stderr
     assert "resumed" in final.stderr

@@ -1,4 +1,5 @@
-"""Golden one-step tests, one per FFN kind: the loss, the weighted regulariser terms and
+"""Golden one-step tests, one per FFN kind (DSC also on its gather path, flat and product-key
+router): the loss, the weighted regulariser terms and
 parameter checksums after one optimiser step at a fixed seed (the trainer's own step, optimiser
 and bank projection). Any change in the math shows here; a deliberate change regenerates them:
 
@@ -33,6 +34,20 @@ GOLDEN = pathlib.Path(__file__).with_name("golden") / "one_step.json"
 FFNS = {
     # M > d so the frame loss is non-zero; μ = 2 > mean S so the budget loss is too.
     "dsc": DSCConfig(num_bases=48, top_k=2, hidden_dim=32, budget_target=2.0),
+    # The gather path (custom JVPs, what compute="auto" picks for M > 32·K) inside the step:
+    # M=48 <= N·K normalises the whole bank; the product-key bank M=256 > N·K = 128 only the
+    # gathered rows (N = 64 tokens per micro-batch).
+    "dsc_gather": DSCConfig(
+        num_bases=48, top_k=2, hidden_dim=32, budget_target=2.0, compute="gather"
+    ),
+    "dsc_product_key_gather": DSCConfig(
+        num_bases=256,
+        top_k=2,
+        hidden_dim=32,
+        budget_target=2.0,
+        compute="gather",
+        router="product_key",
+    ),
     "moe": MoEConfig(num_experts=4, top_k=2, hidden_dim=16),
     "molora": MoLoRAConfig(num_experts=4, rank=4, top_k=2, hidden_dim=32),
     "dense": DenseConfig(hidden_dim=64),

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import errors as flax_errors
 from flax import traverse_util
 
 import dsc_jax
@@ -191,11 +192,17 @@ def _loss_and_grads(model, params, x):
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
 
-@pytest.mark.parametrize("kind", ROUTED)
+# DSC on its gather path (custom JVPs): M=48 > N·K = 36 normalises only the gathered rows.
+DSC_GATHER = DSCConfig(num_bases=48, top_k=3, hidden_dim=24, compute="gather")
+
+
+@pytest.mark.parametrize("kind", [*ROUTED, "dsc_gather"])
 def test_remat_and_scan_gradients_equal_the_plain_model(kind):
     """Loss, regulariser terms and gradients of remat / scan stacks equal the plain stack's
-    (float32, rtol 1e-5, atol 1e-6)."""
-    ffn = FFNS[kind] if kind != "moe" else FFNS[kind].replace(jitter_std=0.0)
+    (float32, rtol 1e-5, atol 1e-6); on the gather path they also equal the dense path's."""
+    ffn = {"moe": FFNS["moe"].replace(jitter_std=0.0), "dsc_gather": DSC_GATHER}.get(
+        kind, FFNS.get(kind)
+    )
     x = tokens_like(3)
     plain = _UserStack(ffn, "plain")
     params = nn.unbox(plain.init(jax.random.key(0), x)["params"])
@@ -213,6 +220,11 @@ def test_remat_and_scan_gradients_equal_the_plain_model(kind):
             np.testing.assert_allclose(other_terms[name], terms[name], **tol)
     chex.assert_trees_all_close(grads_r, grads, **tol)
     chex.assert_trees_all_close(grads_s, _stack_to_scanned(grads), **tol)
+    if kind == "dsc_gather":
+        dense = _UserStack(ffn.replace(compute="dense"), "plain")
+        (loss_d, _), grads_d = _loss_and_grads(dense, params, x)
+        np.testing.assert_allclose(loss_d, loss, **tol)
+        chex.assert_trees_all_close(grads, grads_d, **tol)
 
 
 def test_scan_without_losses_axis_is_caught():
@@ -289,6 +301,101 @@ def test_logical_axis_rules_merge_into_another_models_rules():
         assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(boxed))
     assert dict(LOGICAL_AXIS_RULES)["bases"] == "tensor"
     assert dsc_jax.LOGICAL_AXIS_RULES is LOGICAL_AXIS_RULES
+
+
+def test_layers_on_another_models_one_axis_mesh():
+    """A nanodo-style model: a 1-axis ``("data",)`` mesh of 8 devices, its own rules (FSDP
+    over ``data``). Plain concatenation with :data:`LOGICAL_AXIS_RULES` names mesh axes the
+    mesh lacks (Flax refuses ``tensor``); ``merge_rules(..., mesh=mesh)`` and
+    ``logical_to_shardings`` give every parameter a sharding, and the sharded jitted layer
+    equals the unsharded one (float32, rtol 1e-5)."""
+    from jax.sharding import Mesh
+
+    from dsc_jax.sharding import logical_to_shardings, merge_rules
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    their_rules = (("batch", "data"), ("embed", "data"), ("mlp", None))
+    x = tokens_like(shape=(8, 6, D))
+    for kind, ffn in {**FFNS, "dsc_gather": DSC_GATHER}.items():
+        layer = ffn.make()
+        boxed = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+        specs = nn.get_partition_spec(boxed)
+        if kind != "dense":  # routed layers name "bases" / "experts", ruled onto "tensor"
+            with pytest.raises(ValueError, match="tensor"):
+                nn.logical_to_mesh_sharding(specs, mesh, their_rules + LOGICAL_AXIS_RULES)
+        merged = merge_rules(their_rules, LOGICAL_AXIS_RULES, mesh=mesh)
+        flax_shardings = nn.logical_to_mesh_sharding(specs, mesh, merged)
+        ours = logical_to_shardings(boxed, mesh, their_rules + LOGICAL_AXIS_RULES)
+        for a, b in zip(jax.tree.leaves(flax_shardings), jax.tree.leaves(ours), strict=True):
+            assert a.spec == b.spec, (kind, a.spec, b.spec)
+        params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+        sharded = jax.device_put(params, ours)
+        assert any(
+            leaf.sharding.spec and leaf.sharding.spec[0] == "data"
+            for leaf in jax.tree.leaves(sharded)
+        )  # FSDP over the one axis is real
+        y = jax.jit(lambda p, x, layer=layer: layer.apply({"params": p}, x))(sharded, x)
+        np.testing.assert_allclose(y, layer.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+
+
+def test_merged_rules_mean_the_same_in_linen_and_nnx():
+    """A user rule that replicates the bank, placed before ours: Linen's first-wins and NNX's
+    last-wins lookups disagree on the concatenation, agree on ``merge_rules``."""
+    from flax import nnx
+
+    from dsc_jax import nnx as dnnx
+    from dsc_jax.sharding import merge_rules
+
+    layer = dnnx.DSCLayer(D, num_bases=12, top_k=3, hidden_dim=24, rngs=nnx.Rngs(0))
+    their_rules = (("bases", None),)
+
+    def nnx_bank_spec(rules):
+        with nn.logical_axis_rules(rules):
+            return nnx.get_partition_spec(nnx.state(layer, nnx.Param))["basis_u"].get_value()
+
+    concatenated = their_rules + LOGICAL_AXIS_RULES
+    assert tuple(nn.logical_to_mesh_axes(("bases", "embed"), concatenated)) == (None, "fsdp")
+    assert tuple(nnx_bank_spec(concatenated)) == ("tensor", "fsdp")  # the user's rule lost
+    merged = merge_rules(their_rules, LOGICAL_AXIS_RULES)
+    assert tuple(nn.logical_to_mesh_axes(("bases", "embed"), merged)) == (None, "fsdp")
+    assert tuple(nnx_bank_spec(merged)) == (None, "fsdp")
+    assert dict(merged) == {**dict(LOGICAL_AXIS_RULES), "bases": None}
+
+
+def test_nn_vmap_ensemble_needs_metadata_params_and_equals_its_members():
+    """``nn.vmap`` over a layer (an ensemble of 3, gather path): without ``metadata_params``
+    Flax refuses our axis-named parameters; with it, outputs and regularisers equal each
+    member's own ``apply`` (float32, rtol 1e-5) and the stacked axis is named."""
+    fields = dict(num_bases=48, top_k=3, hidden_dim=24, compute="gather")
+    x = tokens_like()
+
+    def ensemble(**metadata):
+        return nn.vmap(
+            dsc_jax.DSCLayer,
+            variable_axes={"params": 0, "losses": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            axis_size=3,
+            **metadata,
+        )(**fields)
+
+    with pytest.raises(flax_errors.PartitioningUnspecifiedError):
+        ensemble().init(jax.random.key(0), x)
+    model = ensemble(metadata_params={nn.PARTITION_NAME: "layers"})
+    boxed = model.init(jax.random.key(0), x)["params"]
+    assert nn.get_partition_spec(boxed)["basis_u"] == jax.sharding.PartitionSpec(
+        "layers", "bases", "embed"
+    )
+    params = nn.unbox(boxed)
+    ys, state = model.apply({"params": params}, x, mutable=["losses"])
+    assert ys.shape == (3, *x.shape)
+    single = dsc_jax.DSCLayer(**fields)
+    for i in range(3):
+        member = jax.tree.map(lambda leaf, i=i: leaf[i], params)
+        y, member_state = single.apply({"params": member}, x, mutable=["losses"])
+        np.testing.assert_allclose(ys[i], y, rtol=1e-5, atol=1e-6)
+        for name, (value,) in member_state["losses"].items():
+            np.testing.assert_allclose(state["losses"][name][0][i], value, rtol=1e-5)
 
 
 def test_param_trees_use_one_vocabulary():

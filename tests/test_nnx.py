@@ -204,7 +204,9 @@ def test_bfloat16_params_construct_and_run(kind):
     assert {p.dtype for p in jax.tree.leaves(layer.params)} == {jnp.dtype(jnp.bfloat16)}
     y = layer(inputs(), deterministic=False)
     assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
-    jax.tree.map(lambda v: np.testing.assert_(np.isfinite(v).all()), layer.regularizers.get_value())
+    jax.tree.map(
+        lambda v: np.testing.assert_(np.isfinite(v).all()), dnnx.collect_regularizers(layer)
+    )
 
 
 def test_pop_regularizers_resets_to_zero():
@@ -247,3 +249,63 @@ def test_from_linen_wraps_a_config_layer():
     )
     assert layer(inputs()).shape == (2, 3, D)
     assert layer.expert_in.shape == (4, D, 8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_shape_under_a_mesh_gives_a_sharded_restore(kind):
+    """``nnx.eval_shape`` of a layer under ``jax.set_mesh`` and our logical rules: every
+    variable gets a sharding (parameters by their logical names, the per-call regulariser
+    and diagnostic variables replicated), and parameters put there restore a model that
+    computes what the original does. NNX maps each logical name on its own (no per-array
+    rule priority as in Linen), so MoE's ``[experts, embed, mlp]`` weights need ``experts``
+    kept off ``tensor``, which ``mlp`` takes."""
+    from dsc_jax.sharding import make_mesh, merge_rules
+
+    mesh = make_mesh((2, 2, 2))
+    nnx_cls, fields = LAYERS[kind][1:]
+    own_rules = (("experts", None),) if kind == "moe" else ()
+
+    def make():
+        return nnx_cls(D, **fields, rngs=nnx.Rngs(0))
+
+    rules = merge_rules(own_rules, dsc_jax.LOGICAL_AXIS_RULES, mesh=mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = nnx.eval_shape(make)
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    specs = jax.tree.map(lambda v: v.sharding.spec, pure)
+    P = jax.sharding.PartitionSpec
+    if kind == "moe":
+        assert specs["expert_in"] == P(None, "fsdp", "tensor")
+    else:
+        assert specs["mlp_in"]["kernel"] == P("fsdp", "tensor")
+    if kind == "dsc":
+        assert specs["basis_u"] == P("tensor", "fsdp")
+    per_call = [specs.get(name, {}) for name in ("regularizers", "diagnostics")]
+    assert all(
+        spec == P() for spec in jax.tree.leaves(per_call, is_leaf=lambda x: isinstance(x, P))
+    )
+    shardings = jax.tree.map(lambda v: jax.sharding.NamedSharding(mesh, v.sharding.spec), pure)
+    original = make()
+    nnx.replace_by_pure_dict(
+        state, jax.device_put(nnx.to_pure_dict(nnx.state(original)), shardings)
+    )
+    restored = nnx.merge(graphdef, state)
+    assert restored.params.keys() == original.params.keys()
+    chex.assert_trees_all_close(restored(inputs()), original(inputs()), **TOL)
+
+
+def test_regularizers_after_deterministic_calls_linen_and_nnx():
+    """What ``regularization_loss``'s error text says: Linen sows the terms whatever
+    ``deterministic`` (once ``"losses"`` is mutable); an NNX deterministic call leaves zeros;
+    the empty-collection error names both recipes."""
+    linen_layer, layer = make_pair("dsc")
+    x = inputs()
+    _, state = linen_layer.apply({"params": layer.params}, x, mutable=["losses"])
+    total, _ = dsc_jax.regularization_loss(state["losses"])
+    assert float(total) > 0
+    layer(x, deterministic=True)
+    total, _ = dsc_jax.regularization_loss(dnnx.collect_regularizers(layer))
+    assert float(total) == 0.0
+    with pytest.raises(ValueError, match=r"mutable=\['losses'\].*NNX.*deterministic=False"):
+        dsc_jax.regularization_loss({})

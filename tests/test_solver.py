@@ -99,6 +99,12 @@ def test_paper_molora_within_budget(paper_solutions):
             "ffn": DSCConfig(num_bases=10, top_k=3, hidden_dim=24, variant="basic"),
             "tie_embeddings": False,
         },
+        {"ffn": DSCConfig(num_bases=16, top_k=3, hidden_dim=24, router="product_key")},
+        {
+            "ffn": DSCConfig(
+                num_bases=24, top_k=3, hidden_dim=24, router="product_key", product_key_rows=3
+            )
+        },
     ],
 )
 def test_tree_counts_equal_closed_form(overrides):
@@ -276,3 +282,38 @@ def test_top_k_given_resolves_the_bank():
     assert sol.ffn.num_bases != 1523 and sol.ffn.hidden_dim != 327
     assert abs(sol.budget_total_params - TOTAL) <= 6 * 3 * 384
     assert abs(sol.budget_active_params - ACTIVE) <= 6 * 2 * 384
+
+
+def test_product_key_budget_counts_the_sub_key_tables():
+    """``router="product_key"``: the router weight in the budget is ``d₁n₁ + d₂n₂`` (here
+    8·3 + 9·8 at d=17, M=24, n₁=3), not a flat ``d·M``; the run sizes report it."""
+    ffn = DSCConfig(num_bases=24, top_k=3, hidden_dim=24, router="product_key", product_key_rows=3)
+    cfg = GPTConfig(vocab_size=96, max_seq_len=12, num_layers=2, num_heads=1, d_model=17, ffn=ffn)
+    router = 8 * 3 + 9 * 8
+    assert budget_ffn_params(cfg) == (
+        2 * 17 * 24 + router + 2 * 17 * 24,
+        2 * 17 * 24 + router + 2 * 17 * 3,
+    )
+    assert count_params(cfg) == closed_form_params(cfg)
+
+
+def test_runner_reports_each_variants_own_budget():
+    """The router ablation's run sizes: each budget is that run's own FFN's (product-key
+    router, M, matched H), i.e. the exact count less the per-layer vectors the budget leaves
+    out (router biases, router LayerNorm, γ)."""
+    from dsc_jax.experiments import presets, runner
+    from dsc_jax.train import config as config_lib
+
+    study = presets.STUDIES["tiny"]
+    base = study.base()
+    for variant in runner.ablation_variants("router"):
+        config, sizes = runner.method_config(study, base, variant, 0)
+        model = config_lib.model_config(config, vocab_size=256)
+        ffn = model.ffn
+        biases = ffn.num_bases
+        if ffn.router == "product_key":
+            rows = ffn.product_key_rows or math.isqrt(ffn.num_bases)
+            biases = rows + ffn.num_bases // rows
+        left_out = model.num_layers * (biases + 3 * model.d_model)
+        assert sizes["total_params"] - sizes["budget_total_params"] == left_out, variant.name
+        assert sizes["active_params"] - sizes["budget_active_params"] == left_out, variant.name

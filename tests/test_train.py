@@ -22,6 +22,8 @@ from dsc_jax.train.metrics import MetricsWriter, read_metrics
 from dsc_jax.train.trainer import NonFiniteLossError, train_and_evaluate
 from tests._train_utils import load_config, without_timing
 
+pytestmark = pytest.mark.slow  # every test trains through the trainer
+
 TOTAL = 24
 
 

@@ -14,6 +14,8 @@ from dsc_jax.train.trainer import train_and_evaluate
 from tests._train_utils import load_config, without_timing
 from tests.test_data_wikitext import _write_folder
 
+pytestmark = pytest.mark.slow  # trains through the trainer
+
 TOTAL = 6
 
 

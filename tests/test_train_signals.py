@@ -15,11 +15,13 @@ import pytest
 from dsc_jax.train.metrics import read_metrics
 from dsc_jax.train.trainer import train_and_evaluate
 from tests._train_utils import (
+    PROCESS_TIMEOUT,
     REPO,
     assert_same_metrics,
     last_step,
     load_config,
     start_process,
+    time_limit,
 )
 
 pytestmark = pytest.mark.slow
@@ -55,12 +57,12 @@ def test_sigterm_saves_then_resume_matches_uninterrupted(tmp_path):
     workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
     proc = start_process(train_cmd(workdir, DECAY, cache), env())
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + time_limit(240)
         while last_step(workdir) < 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, proc.stdout.read()
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        output, _ = proc.communicate(timeout=time_limit(120))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -73,7 +75,12 @@ def test_sigterm_saves_then_resume_matches_uninterrupted(tmp_path):
 
     total = stopped + 3
     resumed = subprocess.run(
-        train_cmd(workdir, total, cache), cwd=REPO, env=env(), capture_output=True, text=True
+        train_cmd(workdir, total, cache),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed {workdir} from checkpoint step {stopped}" in resumed.stderr
@@ -105,6 +112,7 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):
         env=env(),
         capture_output=True,
         text=True,
+        timeout=PROCESS_TIMEOUT,
     )
     assert result.returncode != 0
     assert "dsc-train: error:" in result.stderr and message in result.stderr, result.stderr
@@ -129,6 +137,7 @@ def test_paper_config_without_wikitext_fails_clearly(tmp_path, shared_data):
         env=env(),
         capture_output=True,
         text=True,
+        timeout=PROCESS_TIMEOUT,
     )
     assert result.returncode != 0
     assert "dsc-train: error: data setup failed" in result.stderr, result.stderr

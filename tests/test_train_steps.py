@@ -74,3 +74,17 @@ def test_routing_diagnostics_arithmetic():
     ranks = diagnostics.bank_effective_ranks(diagnostics.bank_parameters(params))
     np.testing.assert_allclose(float(ranks[f"{prefix}/erank_u"]), 4.0, rtol=1e-5)  # orthonormal
     np.testing.assert_allclose(float(ranks[f"{prefix}/erank_v"]), 1.0, rtol=1e-5)  # rank one
+
+
+def test_effective_rank_at_intermediate_values():
+    """Between the extremes 1 and rank: hand values ``M² / (M + Σ_{i≠j}(u_i·u_j)²)`` (rows
+    normalised first, so scaling a row changes nothing) and ``(Σσ²)²/Σσ⁴`` by SVD."""
+    two_directions = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 0.5]])  # e1, e1, e2: 9 / 5
+    np.testing.assert_allclose(diagnostics.effective_rank(two_directions), 9 / 5, rtol=1e-12)
+    tilted = np.array([[1.0, 0.0, 0.0], [5.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # overlaps 1, ½, ½
+    np.testing.assert_allclose(diagnostics.effective_rank(tilted), 9 / 7, rtol=1e-12)
+    bank = np.random.default_rng(0).normal(size=(12, 5))
+    sigma = np.linalg.svd(bank / np.linalg.norm(bank, axis=-1, keepdims=True), compute_uv=False)
+    want = np.sum(sigma**2) ** 2 / np.sum(sigma**4)
+    assert 1.5 < want < 4.9  # strictly inside (1, rank)
+    np.testing.assert_allclose(diagnostics.effective_rank(bank), want, rtol=1e-10)

@@ -40,6 +40,7 @@ from dsc_jax.layers.configs import FFN_CONFIGS
 from dsc_jax.models.solver import (
     SIZED_FIELDS,
     IsoActiveSolution,
+    budget_params,
     count_params,
     fixed_param_count,
     solve_iso_active,
@@ -303,13 +304,16 @@ def method_config(
             config, kind, reference[1]["active_params"], sol.config.vocab_size
         )
     config_lib.validate_config(config)
-    total, active = count_params(config_lib.model_config(config, vocab_size=sol.config.vocab_size))
+    model = config_lib.model_config(config, vocab_size=sol.config.vocab_size)
+    total, active = count_params(model)
     targets = _targets(study, base, variant)
+    # The run's own FFN (a variant's router, M or matched H), not the solved default's.
+    budget_total, budget_active = budget_params(model)
     sizes = {
         "total_params": total,
         "active_params": active,
-        "budget_total_params": sol.budget_total_params,
-        "budget_active_params": sol.budget_active_params,
+        "budget_total_params": budget_total,
+        "budget_active_params": budget_active,
         "target_total_params": round(targets[0]),
         "target_active_params": round(targets[1]),
         "unfitted": list(sol.unfitted),

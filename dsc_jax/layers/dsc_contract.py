@@ -1,25 +1,37 @@
 """The DSC bank contraction ``y_n = Σ_k ẑ_nk (x_n·u_{i_nk}) v_{i_nk}`` over gathered atoms.
 
-:func:`gathered_contraction` is the ``compute="gather"`` path of :class:`dsc_jax.DSCLayer`:
-O(N·K·d) work, the ``[M, d]`` banks read through the ``[N, K]`` indices. It has a custom VJP:
+:func:`contract_raw_banks` is the ``compute="gather"`` path of :class:`dsc_jax.DSCLayer`:
+O(N·K·d) work, the ``[M, d]`` banks read through the ``[N, K]`` indices.
+:func:`gathered_contraction`, :func:`normalized_gathered_contraction` and the router's
+:func:`sparse_logit_gradient` each have a custom JVP whose tangent rule is linear and sparse;
+JAX transposes it for reverse mode, so one rule serves every transform (``jax.grad``,
+``jax.jvp`` / ``jax.linearize`` / ``jax.jacfwd``, and any nesting of them, e.g.
+Hessian-vector products) with the efficiency of a hand-written VJP:
 
 * the sum over ``k`` runs as K fused multiply-adds instead of a batched ``[1,K]×[K,d]``
-  matmul per token (on XLA:CPU the batched form costs ~5× more);
-* the backward pass re-gathers the selected rows from the banks instead of keeping two
-  ``[N, K, d]`` residuals alive (it saves the ``[N, K]`` projections only), and scatter-adds
-  the row gradients into the banks (a segment sum over the selected ids).
+  matmul per token (on XLA:CPU the batched form costs ~5× more); the tangent rules are
+  broadcast products and reductions, whose transposes are the same kind of ops;
+* the reverse pass re-gathers the selected rows from the banks instead of keeping
+  ``[N, K, d]`` residuals alive (the tangent rules run under :func:`jax.checkpoint`, so only
+  their inputs, e.g. the ``[N, K]`` projections, are saved), and the transpose of the
+  tangent's row gather scatter-adds the row gradients into the banks (a segment sum over the
+  selected ids, accumulated in float32).
+
+Higher derivatives differentiate the tangent rules themselves, which are exact.
 
 Numerics: projections and coefficients in float32 (``preferred_element_type``), the
 coefficient cast to the compute dtype before the combine (as the einsum form did), the sum
-over ``k`` accumulated in float32.
+over ``k`` accumulated in float32; tangents in float32, cast to the primal dtypes.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from dsc_jax.layers.dsc_router import normalize_rows
 
@@ -27,6 +39,12 @@ from dsc_jax.layers.dsc_router import normalize_rows
 def _rows(bank: jax.Array, indices: jax.Array) -> jax.Array:
     """``bank[indices]``: ``[M, d]`` rows at ``[N, K]`` ids -> ``[N, K, d]`` (ids in range)."""
     return jnp.take(bank, indices, axis=0, mode="clip")
+
+
+def _tangent_rows(bank_tangent: jax.Array, indices: jax.Array) -> jax.Array:
+    """``bank_tangent[indices]`` in float32 ``[N, K, d]``; its transpose is a float32
+    scatter-add into ``[M, d]`` (then a cast to the bank dtype)."""
+    return bank_tangent.astype(jnp.float32).at[indices].get(mode="promise_in_bounds")
 
 
 def _combine(weights: jax.Array, rows: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -43,7 +61,94 @@ def _project(x: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.einsum("nd,nkd->nk", x, rows, preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
+def _nonzero(tangent: Any) -> Any:
+    """``tangent``, or None for a symbolic zero (a term the tangent rule can skip)."""
+    return None if isinstance(tangent, SymbolicZero) else tangent
+
+
+def _add(total: jax.Array | None, term: jax.Array) -> jax.Array:
+    return term if total is None else total + term
+
+
+def _slot_dot(vectors: jax.Array, rows: jax.Array) -> jax.Array:
+    """``vectors_n · rows_nk`` in float32, one slot ``k`` at a time: ``[N, d]``, ``[N, K, d]``
+    -> ``[N, K]``. Linear in ``vectors``; its transpose ``Σ_k c_nk rows_nk`` is K fused
+    multiply-adds, as :func:`_combine`."""
+    vectors = vectors.astype(jnp.float32)
+    return jnp.stack([jnp.sum(vectors * rows[:, k], axis=-1) for k in range(rows.shape[1])], axis=1)
+
+
+def _row_dot(weights: jax.Array, row_tangents: jax.Array) -> jax.Array:
+    """``Σ_d weights ⊙ row_tangents`` -> ``[N, K]`` float32 (``weights`` ``[N, K, d]`` or
+    ``[N, 1, d]``). Linear in ``row_tangents``; its transpose is the outer product
+    ``weights ⊙ c[..., None]`` that the row gather's transpose scatter-adds."""
+    return jnp.sum(weights * row_tangents, axis=-1)
+
+
+def _contraction_tangent(
+    x: jax.Array,
+    u_rows: jax.Array,
+    v_rows: jax.Array,
+    gates: jax.Array,
+    projections: jax.Array,
+    tangents: tuple[jax.Array | None, jax.Array | None, jax.Array | None, jax.Array | None],
+    norms: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+) -> jax.Array:
+    """Tangent of ``Σ_k (x·u_k) g_k v_k``, linear in ``tangents`` (None: a zero tangent).
+
+    Args:
+      x: ``[N, d]``; u_rows, v_rows: ``[N, K, d]`` float32 gathered unit rows;
+        gates, projections: ``[N, K]`` float32 (``projections = x·u_k``).
+      tangents: ``(ẋ [N, d], u̇ [N, K, d], v̇ [N, K, d], ġ [N, K])``, the row tangents in
+        float32.
+      norms: None when ``u̇``, ``v̇`` are the unit rows' tangents. Otherwise
+        ``((‖b_u‖, above_u), (‖b_v‖, above_v))``, each ``[N, K, 1]`` (the clamped norms and
+        ``‖b‖ > ε``), and ``u̇``, ``v̇`` are the RAW rows' tangents ``ḃ``: the normalisation's
+        Jacobian ``(ḃ − û (û·ḃ)) / ‖b‖`` (``ḃ / ε`` below ``ε``) is folded into the sums, so
+        that the transpose reuses ``x·û`` and ``c·v̂``, as a hand-written VJP would.
+
+    Returns:
+      ``[N, d]`` in ``x.dtype``. Written so that the transpose (the reverse pass) is made of
+      the same ops as the forward pass: one batched ``[N, K]`` projection, K fused
+      multiply-adds, outer products for the scatter-adds.
+    """
+    d_x, d_u, d_v, d_gates = tangents
+    x32 = x.astype(jnp.float32)[:, None, :]  # [N, 1, d]
+    coefficients = (projections * gates).astype(x.dtype).astype(jnp.float32)
+    d_projections = None
+    if d_x is not None:
+        d_projections = _slot_dot(d_x, u_rows)
+    if d_u is not None:
+        weights = x32
+        if norms is not None:  # x·dû = ((x − û (û·x)) / ‖b‖)·ḃ, û·x = projection
+            norm, above = norms[0]
+            weights = (x32 - jnp.where(above, u_rows * projections[..., None], 0)) / norm
+        d_projections = _add(d_projections, _row_dot(weights, d_u))
+    slots = None  # the coefficient of v̂_k in the tangent
+    if d_projections is not None:
+        slots = d_projections * gates
+    if d_gates is not None:
+        slots = _add(slots, projections * d_gates.astype(jnp.float32))
+    out = None
+    if d_v is not None:
+        scale = coefficients[..., None]
+        if norms is not None:  # c dv̂ = (c / ‖b‖) ḃ − v̂ (c (v̂·ḃ) / ‖b‖)
+            norm, above = norms[1]
+            scale = scale / norm
+            radial = _row_dot(v_rows, d_v) * scale[..., 0]
+            slots = _add(slots, -jnp.where(above[..., 0], radial, 0))
+        out = jnp.sum(scale * d_v, axis=1)
+    if slots is not None:
+        # A batched [1, K] x [K, d] matmul per token: its transpose w.r.t. the slots is the
+        # [N, K] projection of the cotangent (only forward mode runs the matmul itself).
+        combined = jnp.einsum("nk,nkd->nd", slots, v_rows, preferred_element_type=jnp.float32)
+        out = _add(out, combined)
+    if out is None:
+        return jnp.zeros(x.shape, x.dtype)
+    return out.astype(x.dtype)
+
+
+@jax.custom_jvp
 def gathered_contraction(
     x: jax.Array,
     unit_u: jax.Array,
@@ -69,72 +174,93 @@ def _forward(x, unit_u, unit_v, indices, gates):
     projections = _project(x, _rows(unit_u, indices))  # [N, K] float32
     coefficients = (projections * gates).astype(x.dtype)
     out = _combine(coefficients, _rows(unit_v, indices), x.dtype)
-    return out, (x, unit_u, unit_v, indices, gates, projections)
+    return out, projections
 
 
-def _backward(residuals, cotangent):
-    x, unit_u, unit_v, indices, gates, projections = residuals
-    coefficients = (projections * gates).astype(x.dtype)
-    d_coefficients = _project(cotangent, _rows(unit_v, indices))  # [N, K] float32
-    d_projections = d_coefficients * gates
-    d_gates = d_coefficients * projections
-    d_x = _combine(d_projections, _rows(unit_u, indices), x.dtype)
-    num_rows = unit_u.shape[0]
-    d_u = _scatter_rows(d_projections, x, indices, num_rows).astype(unit_u.dtype)
-    d_v = _scatter_rows(coefficients, cotangent, indices, num_rows).astype(unit_v.dtype)
-    return d_x, d_u, d_v, None, d_gates.astype(gates.dtype)
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _gathered_tangent(x, unit_u, unit_v, indices, gates, projections, d_x, d_u, d_v, d_gates):
+    """:func:`_contraction_tangent` with the rows gathered here: under ``jax.checkpoint`` the
+    reverse pass gathers them again instead of saving ``[N, K, d]`` residuals (XLA may
+    still share one gather between the two passes)."""
+    u_rows = _rows(unit_u, indices).astype(jnp.float32)
+    v_rows = _rows(unit_v, indices).astype(jnp.float32)
+    du_rows = None if d_u is None else _tangent_rows(d_u, indices)
+    dv_rows = None if d_v is None else _tangent_rows(d_v, indices)
+    tangents = (d_x, du_rows, dv_rows, d_gates)
+    return _contraction_tangent(x, u_rows, v_rows, gates, projections, tangents)
 
 
-gathered_contraction.defvjp(_forward, _backward)
-
-
-def _scatter_rows(weights: jax.Array, vectors: jax.Array, indices: jax.Array, num_rows: int):
-    """``G[j] = Σ_{(n,k): i_nk = j} weights_nk vectors_n`` in float32 -> ``[num_rows, d]``."""
-    updates = weights.astype(jnp.float32)[:, :, None] * vectors.astype(jnp.float32)[:, None]
-    return (
-        jnp.zeros((num_rows, vectors.shape[-1]), jnp.float32)
-        .at[indices.reshape(-1)]
-        .add(updates.reshape(-1, vectors.shape[-1]), mode="promise_in_bounds")
+def _gathered_jvp(primals, tangents):
+    x, unit_u, unit_v, indices, gates = primals
+    d_x, d_u, d_v, _, d_gates = map(_nonzero, tangents)
+    out, projections = _forward(x, unit_u, unit_v, indices, gates)
+    tangent = _gathered_tangent(
+        x, unit_u, unit_v, indices, gates, projections, d_x, d_u, d_v, d_gates
     )
+    return out, tangent
 
 
-@jax.custom_vjp
+gathered_contraction.defjvp(_gathered_jvp, symbolic_zeros=True)
+
+
+@jax.custom_jvp
 def sparse_logit_gradient(
     selected: jax.Array, inputs: jax.Array, kernel: jax.Array, bias: jax.Array, indices: jax.Array
 ) -> jax.Array:
     """Identity on ``selected = (inputs @ kernel + bias)[n, indices[n]]``, differentiated sparsely.
 
     The router computes all ``[N, M]`` logits densely (the top-K needs them), but only the K
-    selected ones per token reach the output. Returning them through this function sends
-    their gradient to ``inputs [N, d]``, ``kernel [d, M]`` and ``bias [M]`` over the selected
-    columns only (O(N·K·d): a gather-combine and a scatter-add), instead of two dense
-    ``[N, M]``-by-``d`` matmuls on a K-sparse ``[N, M]`` cotangent. ``selected`` itself gets a
-    zero cotangent, so pass it with its gradient stopped, or let other terms (the aux and z
-    losses) differentiate the dense logits. The forward pass computes nothing.
+    selected ones per token reach the output. Returning them through this function gives them
+    the tangent ``ẋ_n·W[:, i] + x_n·Ẇ[:, i] + ḃ_i`` over the K selected columns only, so the
+    reverse pass sends their gradient to ``inputs [N, d]``, ``kernel [d, M]`` and
+    ``bias [M]`` in O(N·K·d) (a gather-combine and a scatter-add) instead of two dense
+    ``[N, M]``-by-``d`` matmuls on a K-sparse ``[N, M]`` cotangent. The forward pass computes
+    nothing.
+
+    Pass ``selected`` WITH its gradient (not through ``stop_gradient``): its own tangent is
+    ignored (so to first order nothing flows back through it, and XLA drops the dense work),
+    but higher derivatives need its dependence on the parameters.
+
+    Args:
+      selected: ``[N, K]`` float32, the selected logits.
+      inputs: ``[N, d]`` float32 router input; kernel: ``[d, M]``; bias: ``[M]``.
+      indices: ``[N, K]`` int32 selected columns.
+
+    Returns:
+      ``selected``.
     """
     del inputs, kernel, bias, indices
     return selected
 
 
-def _logit_forward(selected, inputs, kernel, bias, indices):
-    return selected, (inputs, kernel, bias, indices)
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _logit_tangent(inputs, kernel, indices, d_inputs, d_kernel, d_bias):
+    """The selected logits' tangent ``[N, K]`` float32 (None: zero tangent), the kernel
+    columns gathered here (re-gathered in the reverse pass, not saved)."""
+    tangent = None
+    if d_inputs is not None:
+        columns = _rows(kernel.T.astype(jnp.float32), indices)  # [N, K, d]
+        tangent = _slot_dot(d_inputs, columns)
+    if d_kernel is not None:
+        inputs32 = inputs.astype(jnp.float32)[:, None, :]
+        tangent = _add(tangent, _row_dot(inputs32, _tangent_rows(d_kernel.T, indices)))
+    if d_bias is not None:
+        tangent = _add(
+            tangent, d_bias.astype(jnp.float32).at[indices].get(mode="promise_in_bounds")
+        )
+    return tangent
 
 
-def _logit_backward(residuals, cotangent):
-    inputs, kernel, bias, indices = residuals
-    columns = kernel.T  # [M, d]: the selected columns as rows
-    d_inputs = _combine(cotangent, _rows(columns, indices), inputs.dtype)
-    d_kernel = _scatter_rows(cotangent, inputs, indices, kernel.shape[1]).T.astype(kernel.dtype)
-    d_bias = (
-        jnp.zeros(bias.shape, jnp.float32)
-        .at[indices.reshape(-1)]
-        .add(cotangent.reshape(-1).astype(jnp.float32), mode="promise_in_bounds")
-        .astype(bias.dtype)
-    )
-    return jnp.zeros_like(cotangent), d_inputs, d_kernel, d_bias, None
+def _logit_jvp(primals, tangents):
+    selected, inputs, kernel, _, indices = primals
+    _, d_inputs, d_kernel, d_bias, _ = map(_nonzero, tangents)
+    tangent = _logit_tangent(inputs, kernel, indices, d_inputs, d_kernel, d_bias)
+    if tangent is None:
+        tangent = jnp.zeros(selected.shape, selected.dtype)
+    return selected, tangent.astype(selected.dtype)
 
 
-sparse_logit_gradient.defvjp(_logit_forward, _logit_backward)
+sparse_logit_gradient.defjvp(_logit_jvp, symbolic_zeros=True)
 
 
 def _unit_rows(bank: jax.Array, indices: jax.Array, eps: float, dtype: jnp.dtype):
@@ -148,7 +274,7 @@ def _unit_rows(bank: jax.Array, indices: jax.Array, eps: float, dtype: jnp.dtype
     return unit, clamped, norms > eps
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def normalized_gathered_contraction(
     x: jax.Array,
     bank_u: jax.Array,
@@ -160,8 +286,9 @@ def normalized_gathered_contraction(
     """:func:`gathered_contraction` on the RAW banks, normalising only the ``N·K`` gathered
     rows (``b_j / max(ε, ‖b_j‖)``), so no ``[M, d]`` unit bank is built: the work is
     O(N·K·d) in the forward pass whatever M (at M=65,536, d=384 normalising both banks costs
-    more than the whole layer). The backward pass applies the normalisation's Jacobian per
-    gathered row, ``(g − û (û·g)) / ‖b‖`` (``g / ε`` below ``ε``), before the scatter-add.
+    more than the whole layer). The tangent applies the normalisation's Jacobian per
+    gathered row, ``(ḃ − û (û·ḃ)) / ‖b‖`` (``ḃ / ε`` below ``ε``); the reverse pass, its
+    transpose, applies it before the scatter-add.
 
     Args:
       x: ``[N, d]``; bank_u, bank_v: ``[M, d]`` raw banks; indices: ``[N, K]`` int32;
@@ -176,41 +303,41 @@ def _normalized_forward(x, bank_u, bank_v, indices, gates, eps):
     projections = _project(x, unit_u)
     coefficients = (projections * gates).astype(x.dtype)
     out = _combine(coefficients, unit_v, x.dtype)
-    return out, (x, bank_u, bank_v, indices, gates, projections)
+    return out, projections
 
 
-def _normalized_backward(eps, residuals, cotangent):
-    x, bank_u, bank_v, indices, gates, projections = residuals
+@functools.partial(jax.checkpoint, static_argnums=(10,), prevent_cse=False)
+def _normalized_tangent(
+    x, bank_u, bank_v, indices, gates, projections, d_x, d_u, d_v, d_gates, eps
+):
+    """:func:`_contraction_tangent` on the gathered, normalised rows (gathered again in the
+    reverse pass, not saved)."""
     unit_u, norm_u, above_u = _unit_rows(bank_u, indices, eps, x.dtype)
     unit_v, norm_v, above_v = _unit_rows(bank_v, indices, eps, x.dtype)
-    coefficients = (projections * gates).astype(x.dtype)
-    d_coefficients = _project(cotangent, unit_v)  # [N, K] = cot · v̂
-    d_projections = d_coefficients * gates
-    d_gates = d_coefficients * projections
-    d_x = _combine(d_projections, unit_u, x.dtype)
-    x32, cot32 = x.astype(jnp.float32)[:, None], cotangent.astype(jnp.float32)[:, None]
-    # d û = d_proj · x and d v̂ = coef · cot per slot; û·x = proj, v̂·cot = d_coef.
-    tangent_u = x32 - jnp.where(above_u, unit_u.astype(jnp.float32) * projections[..., None], 0)
-    tangent_v = cot32 - jnp.where(
-        above_v, unit_v.astype(jnp.float32) * d_coefficients[..., None], 0
+    du_rows = None if d_u is None else _tangent_rows(d_u, indices)
+    dv_rows = None if d_v is None else _tangent_rows(d_v, indices)
+    return _contraction_tangent(
+        x,
+        unit_u.astype(jnp.float32),
+        unit_v.astype(jnp.float32),
+        gates,
+        projections,
+        (d_x, du_rows, dv_rows, d_gates),
+        norms=((norm_u, above_u), (norm_v, above_v)),
     )
-    rows_u = d_projections[..., None] * tangent_u / norm_u
-    rows_v = coefficients.astype(jnp.float32)[..., None] * tangent_v / norm_v
-    d_u = _scatter_slots(rows_u, indices, bank_u.shape[0]).astype(bank_u.dtype)
-    d_v = _scatter_slots(rows_v, indices, bank_v.shape[0]).astype(bank_v.dtype)
-    return d_x, d_u, d_v, None, d_gates.astype(gates.dtype)
 
 
-normalized_gathered_contraction.defvjp(_normalized_forward, _normalized_backward)
-
-
-def _scatter_slots(rows: jax.Array, indices: jax.Array, num_rows: int) -> jax.Array:
-    """``G[j] = Σ_{(n,k): i_nk = j} rows_nk``: ``[N, K, d]`` float32 -> ``[num_rows, d]``."""
-    return (
-        jnp.zeros((num_rows, rows.shape[-1]), jnp.float32)
-        .at[indices.reshape(-1)]
-        .add(rows.reshape(-1, rows.shape[-1]), mode="promise_in_bounds")
+def _normalized_jvp(eps, primals, tangents):
+    x, bank_u, bank_v, indices, gates = primals
+    d_x, d_u, d_v, _, d_gates = map(_nonzero, tangents)
+    out, projections = _normalized_forward(x, bank_u, bank_v, indices, gates, eps)
+    tangent = _normalized_tangent(
+        x, bank_u, bank_v, indices, gates, projections, d_x, d_u, d_v, d_gates, eps
     )
+    return out, tangent
+
+
+normalized_gathered_contraction.defjvp(_normalized_jvp, symbolic_zeros=True)
 
 
 def contract_raw_banks(
@@ -225,9 +352,12 @@ def contract_raw_banks(
 
     Normalises whichever is less work: the whole bank once (``M ≤ N·K``, e.g. the paper's
     M=1523 at 4096 tokens: 10× fewer rows) or only the ``N·K`` gathered rows (product-key
-    banks of 65,536 atoms). Both give the same values. ``x: [N, d]`` in the compute dtype.
+    banks of 65,536 atoms). Both give the same values. A symbolic token count
+    (``jax.export`` with a symbolic batch) normalises the gathered rows, whose cost scales
+    with the tokens. ``x: [N, d]`` in the compute dtype.
     """
-    if bank_u.shape[0] > indices.size:
+    slots = indices.size
+    if not isinstance(slots, int) or bank_u.shape[0] > slots:
         return normalized_gathered_contraction(x, bank_u, bank_v, indices, gates, eps)
     unit_u = normalize_rows(bank_u, eps).astype(x.dtype)
     unit_v = normalize_rows(bank_v, eps).astype(x.dtype)

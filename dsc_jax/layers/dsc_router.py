@@ -45,9 +45,10 @@ def route(
       tau: logit clip ``τ``.
       eps: ``ε`` in ``ẑ = φ / (S + ε) · tanh(S)``.
       selected_gradient: optional ``f(selected, indices) -> selected`` that returns the
-        selected logits ``[..., K]`` unchanged but differentiates them itself (e.g.
+        selected logits ``[..., K]`` unchanged but gives them its own tangent (e.g.
         :func:`dsc_jax.layers.dsc_contract.sparse_logit_gradient`); ``raw_logits`` then gets
-        no gradient through ``φ``. Without it, ``φ``'s gradient flows into ``raw_logits``.
+        no first-order gradient through ``φ`` (higher orders still see the dependence).
+        Without it, ``φ``'s gradient flows into ``raw_logits``.
 
     Returns:
       :class:`RouterOutput` with ``ẑ`` satisfying ``Σ_k ẑ_k < 1`` and ``ẑ → 0`` as ``S → 0``.
@@ -55,10 +56,8 @@ def route(
     raw_logits = raw_logits.astype(jnp.float32)
     clipped = jnp.clip(raw_logits, -tau, tau)  # only the aux loss reads it (dead code otherwise)
     indices = top_k_indices(jax.lax.stop_gradient(raw_logits), top_k, tau)
-    if selected_gradient is None:
-        selected = jnp.take_along_axis(raw_logits, indices, axis=-1)
-    else:
-        selected = jnp.take_along_axis(jax.lax.stop_gradient(raw_logits), indices, axis=-1)
+    selected = jnp.take_along_axis(raw_logits, indices, axis=-1)
+    if selected_gradient is not None:
         selected = selected_gradient(selected, indices)
     coefficients, signal = gate(selected, tau, eps)
     return RouterOutput(indices, coefficients, signal, clipped)

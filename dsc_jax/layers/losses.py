@@ -110,9 +110,11 @@ def regularization_loss(
       losses: the sown ``"losses"`` collection of a whole model (see :func:`sum_loss_terms`).
       weights: the ``λ`` per term; :class:`LossWeights` defaults when ``None``.
       allow_empty: return zeros for a collection with no regulariser term. By default that
-        raises: it is what a model gets when ``"losses"`` was not mutable, or when
+        raises: it is what a Linen model gets when ``"losses"`` was not mutable, or when
         ``nn.scan`` dropped the collection (``variable_axes`` without ``"losses"``). Pass
-        ``True`` for models that have no routed layer (a dense GPT).
+        ``True`` for models that have no routed layer (a dense GPT). (An NNX model's
+        :func:`dsc_jax.nnx.collect_regularizers` is never empty: after a deterministic call
+        its terms are zeros.)
 
     Returns:
       ``(total, terms)``: a float32 scalar and ``{"aux", "budget", "frame", "z"}`` -> weighted
@@ -124,9 +126,12 @@ def regularization_loss(
     if not allow_empty and _count_terms(losses) == 0:
         raise ValueError(
             "regularization_loss: the 'losses' collection holds no regulariser term "
-            f"(got {losses!r}). Apply the model with mutable=['losses'] and deterministic="
-            "False; under nn.scan add 'losses' to variable_axes (e.g. {'params': 0, "
-            "'losses': 0}). For a model without routed layers pass allow_empty=True."
+            f"(got {losses!r}). Linen: apply the model with mutable=['losses'] (the layers "
+            "sow them whatever `deterministic`); under nn.scan / nn.vmap add 'losses' to "
+            "variable_axes (e.g. {'params': 0, 'losses': 0}). NNX (dsc_jax.nnx): pass "
+            "dsc_jax.nnx.collect_regularizers(model) after a deterministic=False call (a "
+            "deterministic call leaves zeros). For a model without routed layers pass "
+            "allow_empty=True."
         )
     weights = LossWeights() if weights is None else weights
     lambdas = weights.as_dict()

@@ -7,11 +7,14 @@ Budget accounting (the closed forms the solver matches to the targets; ``d`` mod
     C_tot = (P_total - fixed) / L,  C_act = (P_active - fixed) / L     # per layer
     dense:  total = active = 2dH
     moe:    total = E·2dH + dE,        active = k·2dH + dE             # gate only
-    dsc:    total = 2dH + dM + 2dM,    active = 2dH + dM + 2dK         # router weight only
+    dsc:    total = 2dH + R + 2dM,     active = 2dH + R + 2dK          # router weight only
     molora: total = 2dH + dE + 2drE,   active = 2dH + dE + 2drk        # router weight only
 
-The budget forms leave out the small vectors every token still uses (router LayerNorm,
-router bias, DSC ``γ``). :func:`count_params` counts the real tree instead (see there).
+with the DSC router weight ``R = dM`` (flat) or ``R = d₁n₁ + d₂n₂`` (``router="product_key"``:
+two sub-key tables over the halves ``d₁ = ⌊d/2⌋``, ``d₂ = d − d₁`` of the router input,
+``n₁·n₂ = M``). The budget forms leave out the small vectors every token still uses (router
+LayerNorm, router bias, DSC ``γ``). :func:`count_params` counts the real tree instead (see
+there).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flax import traverse_util
 from dsc_jax import paper
 from dsc_jax._checks import check_choice, check_positive_int
 from dsc_jax.layers.configs import FFNConfig, ffn_config
+from dsc_jax.layers.dsc_product_key import product_key_shape
 from dsc_jax.models.gpt import GPT, GPTConfig
 
 SOLVER_KINDS = ("dense", "moe", "dsc", "molora")
@@ -119,17 +123,39 @@ def budget_ffn_params(cfg: GPTConfig) -> tuple[int, int]:
         return e * 2 * d * h + d * e, k * 2 * d * h + d * e
     if ffn.kind == "dsc":
         m, k = ffn.num_bases, ffn.top_k
-        return 2 * d * h + 3 * d * m, 2 * d * h + d * m + 2 * d * k
+        router = _dsc_router_sizes(d, ffn)[0]
+        return 2 * d * h + router + 2 * d * m, 2 * d * h + router + 2 * d * k
     e, k, r = ffn.num_experts, ffn.top_k, ffn.rank
     return 2 * d * h + d * e + 2 * d * r * e, 2 * d * h + d * e + 2 * d * r * k
+
+
+def _dsc_router_sizes(d: int, ffn: Any) -> tuple[int, int]:
+    """``(weights, biases)`` of a DSC router: ``(d·M, M)`` flat, ``(d₁n₁ + d₂n₂, n₁ + n₂)``
+    product keys (:mod:`dsc_jax.layers.dsc_product_key`)."""
+    if ffn.router != "product_key":
+        return d * ffn.num_bases, ffn.num_bases
+    rows, cols = product_key_shape(type(ffn).__name__, ffn.num_bases, ffn.product_key_rows)
+    half = d // 2
+    return half * rows + (d - half) * cols, rows + cols
+
+
+def budget_params(cfg: GPTConfig) -> tuple[int, int]:
+    """Whole-model ``(total, active)`` in the spec §6 budget accounting: the fixed
+    parameters plus ``L ×`` :func:`budget_ffn_params`."""
+    fixed = fixed_param_count(
+        cfg.d_model, cfg.num_layers, cfg.vocab_size, cfg.max_seq_len, cfg.tie_embeddings
+    )
+    total, active = budget_ffn_params(cfg)
+    return fixed + cfg.num_layers * total, fixed + cfg.num_layers * active
 
 
 def closed_form_params(cfg: GPTConfig) -> tuple[int, int]:
     """Exact ``(total, active)`` of ``GPT(cfg)`` by formula (must equal :func:`count_params`).
 
     Adds to :func:`budget_ffn_params` the vectors the budget leaves out: MoE router LayerNorm
-    ``2d``; DSC router bias ``M`` plus (refined) router LayerNorm ``2d`` and ``γ`` ``d`` or
-    (basic) scalar ``γ``; MoLoRA router bias ``E``. All of them count as active.
+    ``2d``; DSC router bias (``M`` flat, ``n₁ + n₂`` product keys) plus (refined) router
+    LayerNorm ``2d`` and ``γ`` ``d`` or (basic) scalar ``γ``; MoLoRA router bias ``E``. All
+    of them count as active.
     """
     d = cfg.d_model
     total, active = budget_ffn_params(cfg)
@@ -137,7 +163,7 @@ def closed_form_params(cfg: GPTConfig) -> tuple[int, int]:
     if ffn.kind == "moe":
         extra = 2 * d
     elif ffn.kind == "dsc":
-        extra = ffn.num_bases + (3 * d if ffn.variant == "refined" else 1)
+        extra = _dsc_router_sizes(d, ffn)[1] + (3 * d if ffn.variant == "refined" else 1)
     elif ffn.kind == "molora":
         extra = ffn.num_experts
     fixed = fixed_param_count(
