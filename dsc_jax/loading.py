@@ -26,7 +26,6 @@ import jax.numpy as jnp
 
 from dsc_jax.data.tokenizers import Tokenizer, build_tokenizer
 from dsc_jax.models.gpt import GPT, GPTConfig
-from dsc_jax.train.checkpointing import closed_event_loop_errors_quieted, short_error
 from dsc_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 __all__ = [
@@ -185,6 +184,9 @@ def load_model(
         if step not in steps:
             raise RunNotFoundError(f"workdir {workdir} has no checkpoint {step}; it has {steps}.")
         steps = [step]
+    # orbax only when restoring: ``import dsc_jax`` stays light
+    from dsc_jax.train.checkpointing import closed_event_loop_errors_quieted, short_error
+
     target = abstract_params(config, sharding)
     errors = []
     for candidate in reversed(steps):
