@@ -46,7 +46,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -618,22 +618,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 keep=config.keep_checkpoints,
                 async_save=config.async_checkpointing,
             )
-            try:
+            with _closed_after(checkpointer):  # the final save is on disk (or an error)
                 state, rng, restored = restore_or_start(run, checkpointer)
                 stop.check()
                 if jax.process_index() == 0:  # every check passed: now the run is ours
                     record = config_lib.run_record(config, run.bundle.vocab_size)
                     workdir_lib.write_config(workdir, record)
                 _log_summary(run)
-                result = train_loop(run, checkpointer, state, rng, restored, stop=stop, lock=lock)
-            except BaseException:
-                try:
-                    checkpointer.close()
-                except Exception as err:  # the error in flight is the one to report
-                    logging.warning("%s", err)
-                raise
-            checkpointer.close()  # the final save is on disk (or CheckpointWriteError)
-            return result
+                return train_loop(run, checkpointer, state, rng, restored, stop=stop, lock=lock)
         finally:
             lock.release()
 
@@ -737,7 +729,7 @@ def _train_loop(
             )
         return stopping
 
-    try:
+    with _closed_after(writer):  # metrics flushed, or the error in flight kept
         if start_step >= total:
             logging.info("nothing to do: step %d >= num_train_steps %d", start_step, total)
             last_record = _logged_record(run.workdir, start_step)
@@ -787,18 +779,27 @@ def _train_loop(
                 logging.warning("stopped by %s after step %d", stop.requested, step)
                 break
         check_finite()
-    except BaseException:
-        try:
-            writer.close()
-        except Exception as err:  # the error in flight is the one to report
-            logging.warning("%s", err)
-        raise
-    writer.close()
     final_step = int(jax.device_get(state.step))
     result = {"status": status, "step": final_step, "final": last_record}
     if status == "interrupted":
         result["signal"] = stop.requested
     return result
+
+
+@contextlib.contextmanager
+def _closed_after(resource: Any) -> Iterator[Any]:
+    """Close ``resource`` when the block ends. A close that fails while another error is in
+    flight is logged, not raised over it (that error is the one to report); after a normal
+    end, a failing close raises."""
+    try:
+        yield resource
+    except BaseException:
+        try:
+            resource.close()
+        except Exception as err:
+            logging.warning("%s", err)
+        raise
+    resource.close()
 
 
 def _logged_record(workdir: str, step: int) -> dict[str, Any]:
