@@ -14,7 +14,13 @@ import numpy as np
 
 from dsc_jax import paper
 from dsc_jax.experiments.presets import METHOD_NAMES
-from dsc_jax.experiments.runner import REFERENCE_VARIANTS, Run, read_done, read_metrics
+from dsc_jax.experiments.runner import (
+    REFERENCE_VARIANTS,
+    Run,
+    read_done,
+    read_metrics,
+    vocab_size_of,
+)
 
 logger = logging.getLogger("dsc_jax.experiments")
 
@@ -54,7 +60,7 @@ def measure_latency(
         name = run.variant.name
         if name in fns or read_done(run.workdir) is None:
             continue
-        model_cfg = config_lib.model_config(run.config, vocab_size=_vocab_size(run.config))
+        model_cfg = config_lib.model_config(run.config, vocab_size=vocab_size_of(run.config))
         params = GPT(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
         fns[name] = _compiled_forward(run, model_cfg, nn.unbox(params["params"]))
         init_params.append(name)
@@ -81,11 +87,6 @@ def measure_latency(
             "params": "init" if name in init_params else "trained",
         }
     return out
-
-
-def _vocab_size(config: Any) -> int:
-    """The vocabulary a run's model had (as the runner sizes it)."""
-    return config.model.vocab_size or (256 if config.data.tokenizer == "byte" else 50304)
 
 
 def _compiled_forward(run: Run, model_cfg: Any, params: Any) -> tuple[Any, Any, Any]:

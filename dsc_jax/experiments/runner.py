@@ -215,6 +215,12 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return node
 
 
+def vocab_size_of(config: ml_collections.ConfigDict) -> int:
+    """The vocabulary a study's model has: ``model.vocab_size``, else the tokenizer's (256
+    bytes, or GPT-2 BPE's padded 50,304)."""
+    return config.model.vocab_size or (256 if config.data.tokenizer == "byte" else 50304)
+
+
 def _transformer(base: ml_collections.ConfigDict, variant: Variant) -> dict[str, Any]:
     """The solver's transformer arguments of ``variant`` (``d`` scaled, whole heads)."""
     d = round(base.model.d_model * variant.scale / base.model.num_heads)
@@ -222,7 +228,7 @@ def _transformer(base: ml_collections.ConfigDict, variant: Variant) -> dict[str,
         d_model=d * base.model.num_heads,
         num_layers=base.model.num_layers,
         num_heads=base.model.num_heads,
-        vocab_size=base.model.vocab_size or (256 if base.data.tokenizer == "byte" else 50304),
+        vocab_size=vocab_size_of(base),
         seq_len=base.model.max_seq_len or base.seq_len,
         tie_embeddings=base.model.tie_embeddings,
     )
