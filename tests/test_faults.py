@@ -140,6 +140,8 @@ def test_unreadable_checkpoints_refuse_then_start_over_sets_them_aside(
         train_and_evaluate(tiny(cache_dir), workdir)
     assert read_metrics(workdir) == metrics_before  # not rewritten by a "fresh run"
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+    with WorkdirLock(workdir):  # the refusal released the workdir lock
+        pass
 
     config = tiny(cache_dir, num_train_steps=2)
     config.start_over = True
@@ -185,6 +187,8 @@ def test_changed_settings_are_refused_before_anything_is_written(
     assert {n: t for n, t in after.items() if n != ".lock"} == {
         n: t for n, t in before.items() if n != ".lock"
     }
+    with WorkdirLock(workdir):  # the refusal released the workdir lock
+        pass
 
 
 def test_allowed_changes_resume_and_are_logged(finished_run, tmp_path, cache_dir, caplog):

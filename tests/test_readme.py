@@ -42,3 +42,23 @@ def _at(tree, path):
     for key in path:
         tree = tree[key.key]
     return tree
+
+
+def test_every_test_the_readme_names_exists():
+    """Each ``tests/<file>.py::<test>`` (and the ``::<test>`` after it in the same line) that
+    the README cites as covering something is a test function in that file."""
+    import ast
+
+    missing = []
+    for line in README.read_text().splitlines():
+        current = None
+        for file, name in re.findall(r"`(tests/\w+\.py)?(?:::(\w+))?[^`]*`", line):
+            if file:
+                current = file
+            if not name or current is None:
+                continue
+            tree = ast.parse((README.parent / current).read_text())
+            names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+            if name not in names:
+                missing.append(f"{current}::{name}")
+    assert not missing, missing
