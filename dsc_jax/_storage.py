@@ -15,6 +15,7 @@ the new content, never a truncated one (the temporary file is removed when writi
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import uuid
@@ -108,3 +109,12 @@ def _fsync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def save_figure_atomically(figure: Any, path: str, **savefig_kwargs: Any) -> None:
+    """Render a matplotlib ``figure`` in memory (format from ``path``'s suffix) and
+    :func:`write_atomically` it, so a crash or a full disk never leaves a cut image."""
+    buffer = io.BytesIO()
+    suffix = os.path.splitext(path)[1].lstrip(".") or "png"
+    figure.savefig(buffer, format=suffix, **savefig_kwargs)
+    write_atomically(path, buffer.getvalue())

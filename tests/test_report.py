@@ -65,3 +65,40 @@ def test_beyond_spread_is_symmetric_in_the_sign_of_delta(tmp_path):
     rows = {r["variant"]: r for r in aggregate(runs, LATENCY)["rows"]}
     assert rows["moe"]["delta_vs_dsc"] == pytest.approx(-0.5, abs=1e-12)
     assert rows["moe"]["beyond_spread"] is True
+
+
+def test_a_failed_report_write_keeps_the_previous_report(tmp_path, monkeypatch):
+    """The report's files are written through a temporary file and a rename: a write that
+    fails (here: ``fsync`` answering ENOSPC) raises one StorageError naming the file, and
+    the earlier ``comparison.md`` / ``comparison.json`` are untouched, never cut."""
+    import errno
+
+    from dsc_jax import _storage
+    from dsc_jax.experiments.report import write_report
+
+    summary = aggregate(_runs(tmp_path), LATENCY)
+    folder = tmp_path / "report"
+    folder.mkdir()
+    for name in ("comparison.md", "comparison.json"):
+        (folder / name).write_text("OLD")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_storage.os, "fsync", no_space)
+    with pytest.raises(_storage.StorageError, match="cannot write .*comparison.md: .*No space"):
+        write_report(summary, str(folder), "t", "cmd", "desc")
+    assert (folder / "comparison.md").read_text() == "OLD"
+    assert (folder / "comparison.json").read_text() == "OLD"
+    assert sorted(p.name for p in folder.iterdir()) == ["comparison.json", "comparison.md"]
+
+
+def test_run_metrics_skip_a_line_cut_by_a_crash(tmp_path):
+    """A ``metrics.jsonl`` whose last line a crash cut still reads (the cut line skipped)."""
+    from dsc_jax.experiments.runner import read_metrics
+
+    good = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    text = "".join(json.dumps(r) + "\n" for r in good) + '{"step": 3, "lo'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert read_metrics(str(tmp_path)) == good
+    assert read_metrics(str(tmp_path / "absent")) == []

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import sys
@@ -73,6 +72,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dsc_jax._storage import save_figure_atomically, write_json_atomically
 from dsc_jax.experiments import runner
 from dsc_jax.experiments.presets import STUDIES
 from dsc_jax.layers.losses import LossWeights
@@ -494,7 +494,7 @@ def plot(result: Mapping[str, Any], path: str) -> str:
         f"M={one['num_bases']} atoms; means over atoms, layers and the u, v banks)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomically(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -559,8 +559,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["lr_schedule"] = next(r.pop("lr_schedule") for r in result["runs"].values())
     result["summary"] = summarise(result["runs"], total)
     json_path = os.path.join(args.out, "bank_dynamics.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, default=_json_default)
+    write_json_atomically(json_path, result, indent=None, default=_json_default)
     png_path = plot(result, os.path.join(args.out, "bank_dynamics.png"))
     print(table(result["summary"]))
     print(f"[bank_dynamics] wrote {json_path} and {png_path}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from dsc_jax import paper
+from dsc_jax._storage import save_figure_atomically, write_atomically, write_json_atomically
 from dsc_jax.experiments.presets import METHOD_NAMES
 from dsc_jax.experiments.runner import (
     REFERENCE_VARIANTS,
@@ -310,7 +310,7 @@ def plots(summary: dict[str, Any], folder: str, title: str) -> list[str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(folder, "convergence.png")
-    fig.savefig(path, dpi=120)
+    save_figure_atomically(fig, path, dpi=120)
     plt.close(fig)
     written.append(path)
     dsc_rows = [r for r in summary["rows"] if r["kind"] == "dsc" and r["diag"]]
@@ -330,7 +330,7 @@ def plots(summary: dict[str, Any], folder: str, title: str) -> list[str]:
         axes[0].legend()
         fig.tight_layout()
         path = os.path.join(folder, "dsc_bank.png")
-        fig.savefig(path, dpi=120)
+        save_figure_atomically(fig, path, dpi=120)
         plt.close(fig)
         written.append(path)
     return written
@@ -346,15 +346,15 @@ def write_report(
 ) -> list[str]:
     md = markdown(summary, title, command, description)
     md_path = os.path.join(folder, "comparison.md")
-    with open(md_path, "w") as f:
-        routing = dsc_routing_table(summary)
-        f.write(
-            md
-            + (f"\n{routing}" if routing else "")
-            + "\n### Paper (Table 1, T4 GPU, 35 M / 28 M, WikiText-103)\n\n"
-            + paper_table()
-            + "\n"
-        )
+    routing = dsc_routing_table(summary)
+    write_atomically(
+        md_path,
+        md
+        + (f"\n{routing}" if routing else "")
+        + "\n### Paper (Table 1, T4 GPU, 35 M / 28 M, WikiText-103)\n\n"
+        + paper_table()
+        + "\n",
+    )
     js_path = os.path.join(folder, "comparison.json")
     payload = {
         "title": title,
@@ -364,6 +364,5 @@ def write_report(
         **summary,
         "paper_table_1": paper.TABLE_1,
     }
-    with open(js_path, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
+    write_json_atomically(js_path, payload, indent=1, default=str)
     return [md_path, js_path, *plots(summary, folder, title)]

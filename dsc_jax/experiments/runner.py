@@ -46,6 +46,7 @@ from dsc_jax.models.solver import (
     solve_iso_active,
 )
 from dsc_jax.train import config as config_lib
+from dsc_jax.train import metrics as metrics_lib
 from dsc_jax.train.workdir import CHECKPOINT_DIR, FolderLock, read_saved_config
 
 logger = logging.getLogger("dsc_jax.experiments")
@@ -400,11 +401,10 @@ def sweep_lock(folder: str) -> FolderLock:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    """The run's metric records (a line cut by a crash skipped); ``[]`` before it logged."""
+    if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return metrics_lib.read_metrics(workdir)
 
 
 @dataclasses.dataclass
