@@ -86,7 +86,7 @@ def test_a_failed_report_write_keeps_the_previous_report(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(_storage.os, "fsync", no_space)
-    with pytest.raises(_storage.StorageError, match="cannot write .*comparison.md: .*No space"):
+    with pytest.raises(_storage.StorageError, match=r"cannot write .*comparison\.md: .*No space"):
         write_report(summary, str(folder), "t", "cmd", "desc")
     assert (folder / "comparison.md").read_text() == "OLD"
     assert (folder / "comparison.json").read_text() == "OLD"
