@@ -23,7 +23,8 @@ gradient of ``Σ y``) would let XLA turn the first backward matmul into a reduct
 By default the ``"losses"`` collection is immutable (the inference path: no regulariser is
 computed) and the layers run with ``deterministic=True``. ``--with_losses`` times the training
 path instead: ``deterministic=False`` (MoE logit jitter) with the ``"losses"`` collection
-mutable, and the weighted regulariser total (the paper's weights, ``dsc_jax.paper.LOSS_WEIGHTS``) added to the objective.
+mutable, and the weighted regulariser total (the paper's weights,
+``dsc_jax.paper.LOSS_WEIGHTS``) added to the objective.
 
 Code: FLOP formulas and the timed layers in ``flops.py``, compilation and interleaved
 timing in ``harness.py``, the per-part breakdowns in ``dsc_breakdown.py`` and

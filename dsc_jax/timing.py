@@ -21,6 +21,8 @@ import numpy as np
 
 from dsc_jax._checks import check_positive_int
 
+__all__ = ["Latency", "summarize", "time_round_robin"]
+
 K = TypeVar("K", bound=Hashable)
 
 
