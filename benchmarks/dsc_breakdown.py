@@ -19,8 +19,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from harness import vjp_function
 
+from benchmarks.harness import vjp_function
 from dsc_jax.layers import common, dsc_contract, dsc_router
 from dsc_jax.layers.dsc import DSCLayer
 from dsc_jax.layers.losses import LossWeights

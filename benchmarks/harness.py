@@ -1,9 +1,10 @@
 """Timing harness: ahead-of-time compilation and interleaved round-robin timing.
 
-Every timed function is compiled first (:func:`compile_runner`); :func:`time_round_robin`
-then calls blocks of runners round after round (a layer's passes next to its
-GEMM-equivalent's), rotating and reversing the block order so machine load hits every block
-alike; :func:`paired_ratio` is the median over rounds of same-round ratios.
+Every timed function is compiled first (:func:`compile_runner`);
+:func:`dsc_jax.timing.time_round_robin` (re-exported here) then calls blocks of runners round
+after round (a layer's passes next to its GEMM-equivalent's), rotating and reversing the block
+order so machine load hits every block alike; :func:`paired_ratio` is the median over rounds of
+same-round ratios.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ import jax
 import jax.numpy as jnp
 
 from dsc_jax.layers.losses import LossWeights, regularization_loss
+from dsc_jax.timing import time_round_robin
+
+__all__ = [
+    "FAST_COMPILE_OPTIONS",
+    "Key",
+    "compile_runner",
+    "gemm_functions",
+    "layer_functions",
+    "paired_ratio",
+    "time_round_robin",
+    "vjp_function",
+]
 
 FAST_COMPILE_OPTIONS = {
     "xla_backend_optimization_level": 0,
@@ -101,38 +114,6 @@ def vjp_function(fn: Callable[..., Any], argnums: Sequence[int]) -> Callable[...
 
 
 Key = tuple[str, str]  # (timer name, pass)
-
-
-def time_round_robin(
-    runners: dict[Key, Callable[[], Any]],
-    blocks: Sequence[Sequence[Key]],
-    iters: int,
-    warmup: int,
-    log: Callable[[str], None] = print,
-) -> dict[Key, list[float]]:
-    """Milliseconds of ``iters`` blocked calls of every runner, interleaved.
-
-    Every round calls each block of runners (an implementation's passes next to its
-    GEMM-equivalent's, so that each pair is measured under the same machine load) once. The
-    first block of a round is one later than in the previous round, and odd rounds run each
-    block back to front, so neither position nor order favours anyone. The first ``warmup``
-    rounds are discarded; ``samples[key][i]`` is round ``i`` for every key.
-    """
-    samples: dict[Key, list[float]] = {key: [] for block in blocks for key in block}
-    start_all = time.perf_counter()
-    for rep in range(warmup + iters):
-        if rep:
-            log(f"  round {rep}/{warmup + iters} done ({time.perf_counter() - start_all:.0f} s)")
-        shift = rep % len(blocks)
-        for block in [*blocks[shift:], *blocks[:shift]]:
-            for key in block if rep % 2 == 0 else reversed(block):
-                run = runners[key]
-                start = time.perf_counter()
-                jax.block_until_ready(run())
-                elapsed_ms = (time.perf_counter() - start) * 1e3
-                if rep >= warmup:
-                    samples[key].append(elapsed_ms)
-    return samples
 
 
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:

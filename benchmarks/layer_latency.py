@@ -1,7 +1,7 @@
 """Per-layer FFN latency: DSC vs MoE vs MoLoRA vs Dense, each against a same-FLOPs GEMM.
 
-At the paper's configuration (input ``16×256×384``; spec §6/§9 sizes, taken from the
-:class:`dsc_jax.gpt.GPTConfig` defaults) this times, for every implementation, the median
+At the paper's configuration (input ``16×256×384``; the paper's iso-parameter sizes, taken
+from the per-kind config defaults) this times, for every implementation, the median
 forward and forward+backward latency of one jit-compiled layer, and the same for a
 "GEMM-equivalent": one ``[N, d] × [d, F / (2 N d)]`` matmul whose FLOPs ``F`` equal the forward
 matmul FLOPs the implementation executes (formulas in :func:`build_implementations`). The
@@ -23,11 +23,12 @@ gradient of ``Σ y``) would let XLA turn the first backward matmul into a reduct
 By default the ``"losses"`` collection is immutable (the inference path: no regulariser is
 computed) and the layers run with ``deterministic=True``. ``--with_losses`` times the training
 path instead: ``deterministic=False`` (MoE logit jitter) with the ``"losses"`` collection
-mutable, and the weighted regulariser total (spec §3 weights) added to the objective.
+mutable, and the weighted regulariser total (the paper's weights,
+``dsc_jax.paper.LOSS_WEIGHTS``) added to the objective.
 
 Code: FLOP formulas and the timed layers in ``flops.py``, compilation and interleaved
 timing in ``harness.py``, the per-part breakdowns in ``dsc_breakdown.py`` and
-``moe_breakdown.py``, the issue-11 targets in ``targets.py``; this script builds the table.
+``moe_breakdown.py``, the performance targets in ``targets.py``; this script builds the table.
 With ``dsc_gather`` (``moe_sorted``) selected, the DSC parts (router, top-K, contraction,
 static FFN, regularisers) and the MoE parts (router, dispatch, weight gather, expert matmuls,
 combine) are timed in the same rounds (``breakdown`` in the JSON: each part's time, its share
@@ -36,9 +37,9 @@ each target's measured value and, when missed, the measured reason and what it w
 
 Usage::
 
-    python benchmarks/layer_latency.py                      # paper config, float32, CPU
-    python benchmarks/layer_latency.py --dtype bfloat16     # on a GPU
-    python benchmarks/layer_latency.py --only dsc --set dsc_num_bases=256   # sweep M
+    python -m benchmarks.layer_latency                      # paper config, float32, CPU
+    python -m benchmarks.layer_latency --dtype bfloat16     # on a GPU
+    python -m benchmarks.layer_latency --only dsc --set dsc_num_bases=256   # sweep M
 """
 
 from __future__ import annotations
@@ -51,25 +52,17 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-_HERE = pathlib.Path(__file__).resolve().parent
-_REPO_ROOT = _HERE.parent
-for _path in (_REPO_ROOT, _HERE):  # run as a script from a checkout; sibling modules
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-import dsc_breakdown  # noqa: E402
-import flax  # noqa: E402
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import moe_breakdown  # noqa: E402
-import targets  # noqa: E402
-from flops import IMPLEMENTATIONS, LayerSizes, build_implementations, gemm_columns  # noqa: E402
-from harness import (  # noqa: E402
+from benchmarks import dsc_breakdown, moe_breakdown, targets
+from benchmarks.flops import IMPLEMENTATIONS, LayerSizes, build_implementations, gemm_columns
+from benchmarks.harness import (
     FAST_COMPILE_OPTIONS,
     Key,
     compile_runner,
@@ -78,9 +71,10 @@ from harness import (  # noqa: E402
     paired_ratio,
     time_round_robin,
 )
+from dsc_jax.layers.dsc import AUTO_DENSE_MAX_BASES_PER_ACTIVE, resolve_compute
+from dsc_jax.layers.moe import expert_capacity, resolve_dispatch
 
-from dsc_jax.layers.dsc import AUTO_DENSE_MAX_BASES_PER_ACTIVE, resolve_compute  # noqa: E402
-from dsc_jax.layers.moe import expert_capacity, resolve_dispatch  # noqa: E402
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 REFERENCE = "dense"  # always timed: every ``*_ratio_dense`` divides by it
 PASSES = ("fwd", "fwd_bwd")

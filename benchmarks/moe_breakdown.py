@@ -25,8 +25,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from harness import vjp_function
 
+from benchmarks.harness import vjp_function
 from dsc_jax.layers import moe
 from dsc_jax.layers.common import router_layer_norm
 

@@ -28,29 +28,24 @@ import datetime
 import json
 import pathlib
 import statistics
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-_HERE = pathlib.Path(__file__).resolve().parent
-_REPO_ROOT = _HERE.parent
-for _path in (_REPO_ROOT, _HERE):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from harness import (  # noqa: E402
+from benchmarks.harness import (
     FAST_COMPILE_OPTIONS,
     compile_runner,
     layer_functions,
     paired_ratio,
     time_round_robin,
 )
+from dsc_jax import paper
+from dsc_jax.layers.dsc import DSCLayer
 
-from dsc_jax import paper  # noqa: E402
-from dsc_jax.layers.dsc import DSCLayer  # noqa: E402
+_HERE = pathlib.Path(__file__).resolve().parent
 
 
 def atom_usage(indices: jax.Array, num_bases: int) -> dict[str, float]:

@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from harness import compile_runner, vjp_function
 
+from benchmarks.harness import compile_runner, vjp_function
 from dsc_jax.layers.losses import LossWeights, regularization_loss
 from dsc_jax.models import gpt
 from dsc_jax.models.gpt import GPTConfig

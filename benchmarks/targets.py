@@ -1,4 +1,4 @@
-"""Issue-11 layer targets, checked on a ``layer_latency.py`` report, with measured reasons.
+"""The layer performance targets, checked on a ``layer_latency`` report, with measured reasons.
 
 Each :class:`Target` bounds ``layer time / GEMM-equivalent time`` (same-round ratio) for the
 implementation that ``dispatch="auto"`` / ``compute="auto"`` picks on the platform. When a

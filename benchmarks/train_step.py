@@ -33,9 +33,9 @@ that one call (``"slow": true``) and not timed further.
 
 Usage::
 
-    python benchmarks/train_step.py                     # paper model, micro-batches 16 and 8
-    python benchmarks/train_step.py --quick             # smaller model for CPUs
-    python benchmarks/train_step.py --scan_layers --remat dots
+    python -m benchmarks.train_step                     # paper model, micro-batches 16 and 8
+    python -m benchmarks.train_step --quick             # smaller model for CPUs
+    python -m benchmarks.train_step --scan_layers --remat dots
 """
 
 from __future__ import annotations
@@ -46,31 +46,26 @@ import functools
 import json
 import pathlib
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import step_parts
+from benchmarks.flops import model_active_matmul_params, model_train_flops
+from benchmarks.harness import FAST_COMPILE_OPTIONS, Key, time_round_robin
+from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig
+from dsc_jax.layers.losses import LossWeights
+from dsc_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from dsc_jax.models.gpt import GPT, GPTConfig
+from dsc_jax.train.state import TrainState
+from dsc_jax.train.steps import train_step
+
 _HERE = pathlib.Path(__file__).resolve().parent
-_REPO_ROOT = _HERE.parent
-for _path in (_REPO_ROOT, _HERE):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-import step_parts  # noqa: E402
-from flops import model_active_matmul_params, model_train_flops  # noqa: E402
-from harness import FAST_COMPILE_OPTIONS, Key, time_round_robin  # noqa: E402
-
-from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig  # noqa: E402
-from dsc_jax.layers.losses import LossWeights  # noqa: E402
-from dsc_jax.models.attention import ATTENTION_IMPLEMENTATIONS  # noqa: E402
-from dsc_jax.models.gpt import GPT, GPTConfig  # noqa: E402
-from dsc_jax.train.state import TrainState  # noqa: E402
-from dsc_jax.train.steps import train_step  # noqa: E402
 
 KINDS = ("dense", "moe", "molora", "dsc")
 PAPER_FFN = {

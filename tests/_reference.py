@@ -1,6 +1,7 @@
 """References of the DSC layer written for the tests: an independent float64 NumPy one
-(:func:`dsc_reference`, spec §2-§3) and a plain-JAX one without custom derivative rules
-(:func:`plain_dsc_apply`) for checking the layer's derivatives of every order."""
+(:func:`dsc_reference`, the paper's Algorithms 1 and 2 and its regularisers) and a plain-JAX
+one without custom derivative rules (:func:`plain_dsc_apply`) for checking the layer's
+derivatives of every order."""
 
 from __future__ import annotations
 

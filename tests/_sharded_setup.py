@@ -34,7 +34,8 @@ CONFIG = GPTConfig(
 
 
 def build(mesh_shape: tuple[int, ...], devices: list[Any] | None = None) -> SimpleNamespace:
-    """Model, optimiser (spec §7 groups, clipping), sharded state and jitted step on a mesh."""
+    """Model, optimiser (the paper's Table 2 groups, clipping), sharded state and jitted step
+    on a mesh."""
     optim = default_optim_config()
     optim.warmup_steps = 0
     optim.learning_rate = 1e-2

@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/ (layer_latency.py, flops.py, harness.py, dsc_breakdown.py,
-train_step.py, step_parts.py, product_key.py) on tiny configurations (JSON schema, flags).
+"""Smoke tests of the ``benchmarks`` package (layer_latency, flops, harness, dsc_breakdown,
+train_step, step_parts, product_key) on tiny configurations (JSON schema, flags).
 
 Run in-process with XLA backend optimisation off (``--fast_compile``): they check the
 plumbing and the schema, not speed.
@@ -7,17 +7,18 @@ plumbing and the schema, not speed.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
+import os
 import pathlib
+import subprocess
 import sys
 from types import ModuleType
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "layer_latency.py"
 IMPLEMENTATIONS = (
     "dsc_gather",
     "dsc_dense",
@@ -46,13 +47,8 @@ TINY = [
 
 
 def _load_module() -> ModuleType:
-    """Import benchmarks/layer_latency.py (``benchmarks`` is not a package)."""
-    if "layer_latency" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("layer_latency", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["layer_latency"] = module  # dataclasses resolve annotations through it
-        spec.loader.exec_module(module)
-    return sys.modules["layer_latency"]
+    """The ``benchmarks.layer_latency`` module."""
+    return _load_script("layer_latency")
 
 
 def _positive(value: object) -> bool:
@@ -158,13 +154,8 @@ def test_with_losses_training_path() -> None:
 
 
 def _load_script(name: str) -> ModuleType:
-    """Import ``benchmarks/{name}.py`` (``benchmarks`` is not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """The module ``benchmarks.{name}`` (run as ``python -m benchmarks.{name}``)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_train_step_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
@@ -208,7 +199,6 @@ def test_train_step_schema(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
 
 def test_step_parts_compose_to_the_trainer_loss() -> None:
     """Trunk (embeddings + blocks) then head_ce give the trainer's cross-entropy."""
-    _load_script("train_step")  # puts benchmarks/ on sys.path for step_parts' imports
     step_parts = _load_script("step_parts")
     import flax.linen as nn
     import jax
@@ -315,3 +305,27 @@ def test_targets_reason_is_computed_from_the_parts() -> None:
     moe = rows["MoE layer forward (exact)"]
     assert moe["measured"] == pytest.approx(1.68) and not moe["met"] and moe["reason"] is None
     assert rows["MoE layer forward+backward (exact)"]["measured"] == pytest.approx(2.28)
+
+
+def test_benchmarks_are_a_package_without_path_edits() -> None:
+    """Every benchmark imports its siblings as ``benchmarks.<name>``: none edits ``sys.path``."""
+    assert (REPO / "benchmarks" / "__init__.py").is_file()
+    edits = [p.name for p in (REPO / "benchmarks").glob("*.py") if "sys.path" in p.read_text()]
+    assert not edits, edits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["layer_latency", "train_step", "product_key"])
+def test_runs_with_python_dash_m(name: str) -> None:
+    """``python -m benchmarks.<name> --help`` from the repository root, as the docs say."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout and "--out" in proc.stdout

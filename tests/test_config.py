@@ -1,4 +1,4 @@
-"""Config validation (before any compute) and the shipped configs (paper = spec §7)."""
+"""Config validation (before any compute) and the shipped configs (paper = the paper's Table 2)."""
 
 from __future__ import annotations
 

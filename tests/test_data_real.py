@@ -74,8 +74,9 @@ def test_wiki_valid_max_chars(shared_data, tmp_path, tokenizer):
 
 
 def test_wikitext103_builder_paper_pipeline_on_real_files(shared_data, tmp_path):
-    """Spec §8 through the TFDS builder: real wiki.valid.raw, wiki.test.raw standing in for
-    wiki.train.raw (the real train split is not shipped), GPT-2 tokens."""
+    """The paper's reference data pipeline through the TFDS builder: real wiki.valid.raw,
+    wiki.test.raw standing in for wiki.train.raw (the real train split is not shipped), GPT-2
+    tokens."""
     import zipfile
 
     zpath = tmp_path / "wikitext-103-raw-v1.zip"

@@ -1,4 +1,4 @@
-"""DenseFFN (spec §5 Dense) against an independent float64 NumPy computation."""
+"""DenseFFN (the paper's Dense baseline) against an independent float64 NumPy computation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The layers as a library (issue 9): the shared constructor contract, bfloat16/float16
+"""The layers as a library: the shared constructor contract, bfloat16/float16
 parameters, ``nn.remat`` and ``nn.scan`` over blocks that hold the layers (gradients equal the
 plain model's, regularisers included), the GPT's own scan/remat, and the exported logical axis
 rules merged into another model's rules. Tiny sizes; fp32 tolerances stated per test."""
@@ -410,8 +410,8 @@ def test_param_trees_use_one_vocabulary():
 
 
 def test_spec_choice_options():
-    """Each place where the spec and the reference code differ is an option whose default is
-    the spec's (README "Choices")."""
+    """Each place where the paper's text and its reference code differ is an option whose
+    default is the text's (docs/layers.md "Choices")."""
     x = tokens_like()
     # Bank radius: raw rows are bank_radius × the same directions (reference: 0.02).
     ref = FFNS["dsc"].replace(bank_radius=0.02).make()
@@ -437,13 +437,14 @@ def test_spec_choice_options():
         params = nn.unbox(GPT(cfg).init(jax.random.key(0), tokens)["params"])
         return float(jnp.std(params["block_0"]["ffn"]["mlp_out"]["kernel"]))
 
-    # DSC static W2: 0.02 (spec §1) by default; None takes the GPT's 0.02/sqrt(2L) = 0.01.
+    # DSC static W2: 0.02 (the paper's method) by default; None takes the GPT's
+    # 0.02/sqrt(2L) = 0.01.
     big = DSCConfig(num_bases=12, top_k=3, hidden_dim=256)
     assert out_std(gpt(ffn=big)) == pytest.approx(0.02, rel=0.05)
     assert out_std(gpt(ffn=big.replace(out_init_std=None))) == pytest.approx(0.01, rel=0.05)
     assert out_std(gpt(ffn=DenseConfig(hidden_dim=256))) == pytest.approx(0.01, rel=0.05)
 
-    # Embedding dropout: off by default (spec), on by option.
+    # Embedding dropout: off by default (the paper's text), on by option.
     base = gpt(ffn=FFNS["dense"], dropout_rate=0.5)
     assert not base.embed_dropout
     params = nn.unbox(GPT(base).init(jax.random.key(0), tokens)["params"])

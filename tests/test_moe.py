@@ -1,4 +1,5 @@
-"""MoELayer (spec §5 Standard MoE) against an independent float64 NumPy computation."""
+"""MoELayer (the paper's Standard MoE baseline, Table 1) against an independent float64 NumPy
+computation."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def np_gelu(x: np.ndarray) -> np.ndarray:
 
 
 def np_moe(params: dict, x: jax.Array, top_k: int = K, capacity: int | None = None) -> dict:
-    """Float64 MoE written from the spec; ``capacity`` drops slots (first choices first)."""
+    """Float64 MoE written from the paper's reference code; ``capacity`` drops slots (first
+    choices first)."""
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     tokens = np.asarray(x, np.float64).reshape(-1, D)
     mean = tokens.mean(-1, keepdims=True)

@@ -1,4 +1,5 @@
-"""MoLoRALayer (spec §5 MoLoRA) against an independent float64 NumPy computation."""
+"""MoLoRALayer (the MoLoRA baseline of the paper's complexity comparison) against an
+independent float64 NumPy computation."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def np_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def np_molora(params: dict, x: jax.Array, top_k: int = K) -> dict:
-    """Float64 MoLoRA written from the spec: router on raw x, softmax over the k logits."""
+    """Float64 MoLoRA written from its definition (docs/method.md): router on raw x, softmax
+    over the k logits."""
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     tokens = np.asarray(x, np.float64).reshape(-1, D)
     y = np_gelu(tokens @ p64["mlp_in"]["kernel"]) @ p64["mlp_out"]["kernel"]

@@ -1,5 +1,5 @@
-"""Optimiser groups (spec §7): router lr = multiplier × lr at every step, weight-decay masks,
-schedule shape. Toy parameter trees, no model."""
+"""Optimiser groups (the paper's Table 2 recipe): router lr = multiplier × lr at every step,
+weight-decay masks, schedule shape. Toy parameter trees, no model."""
 
 from __future__ import annotations
 

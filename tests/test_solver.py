@@ -1,4 +1,5 @@
-"""Iso-active solver (spec §6): the paper's numbers, exact counts, MoLoRA budgets, bad targets.
+"""Iso-active solver (the paper's Appendix A.2): the paper's numbers, exact counts, MoLoRA
+budgets, bad targets.
 
 All counts come from ``jax.eval_shape`` of the real model (no parameters are materialised).
 """
@@ -62,7 +63,7 @@ def test_paper_dsc(paper_solutions):
     assert sol.ffn == DSCConfig(num_bases=1523, top_k=4, hidden_dim=327)
     assert sol.config.ffn == sol.ffn
     assert sol.total_params == 35_013_810 and millions(sol.total_params) == 35.01
-    # The paper's 28.00 M is the §6 budget accounting (router weight, no router bias /
+    # The paper's 28.00 M is Appendix A.2's budget accounting (router weight, no router bias /
     # LayerNorm / γ). Counting those per-token vectors too gives 28.01 M.
     assert sol.budget_active_params == 27_998_208 and millions(sol.budget_active_params) == 28.00
     assert sol.active_params == 28_014_258

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +21,7 @@ from dsc_jax.experiments.runner import (
     read_metrics,
     vocab_size_of,
 )
+from dsc_jax.timing import summarize, time_round_robin
 
 logger = logging.getLogger("dsc_jax.experiments")
 
@@ -69,21 +70,16 @@ def measure_latency(
             "latency of %s: no finished run with a checkpoint; timed on initialised parameters",
             init_params,
         )
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for r in range(warmup + rounds):
-        for name, (fn, params, tokens) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(params, tokens))
-            if r >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
+    runners = {name: functools.partial(fn, *args) for name, (fn, *args) in fns.items()}
+    times = time_round_robin(runners, iters=rounds, warmup=warmup, log=None) if runners else {}
     out = {}
     for name, ts in times.items():
-        q1, q3 = np.percentile(ts, [25, 75])
+        lat = summarize(ts)
         out[name] = {
-            "ms": float(np.median(ts)),
-            "ms_q1": float(q1),
-            "ms_q3": float(q3),
-            "rounds": len(ts),
+            "ms": lat.ms,
+            "ms_q1": lat.q1,
+            "ms_q3": lat.q3,
+            "rounds": lat.rounds,
             "params": "init" if name in init_params else "trained",
         }
     return out
