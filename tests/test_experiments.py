@@ -70,7 +70,7 @@ def test_settings_reach_the_runs_that_read_them(sweep):
     effective sizes commands.txt records; the MoE runs keep the study's value."""
     for seed in (0, 1):
         dsc = json.loads((sweep / f"dsc_seed{seed}" / "config.json").read_text())
-        assert dsc["config"]["model"]["dsc"]["tau"] == 10.0 and dsc["model"]["ffn"]["tau"] == 10.0
+        assert dsc["config"]["model"]["ffn"]["tau"] == 10.0 and dsc["model"]["ffn"]["tau"] == 10.0
         done = json.loads((sweep / f"dsc_seed{seed}" / runner.DONE_FILE).read_text())
         assert done["settings"] == {"model.dsc.tau": 10.0}
         moe = json.loads((sweep / f"moe_seed{seed}" / "config.json").read_text())
