@@ -45,7 +45,7 @@ def _kind(preset: str, ffn_kind: str | None, kinds: tuple[str, ...] = FFN_KINDS)
 
 def default(ffn_kind: str | None = None) -> ml_collections.ConfigDict:
     """A small byte-level language model on the embedded corpus (the running Python's
-    standard-library sources), offline, a few minutes on a 2-core CPU: 4-layer d=128 GPT,
+    standard-library sources), offline, small enough for a CPU: 4-layer d=128 GPT,
     600 steps of 16 x 128 tokens. The DSC FFN has M=128, K=4, H=256; another kind takes its
     config type's defaults."""
     kind = _kind("default", ffn_kind)
