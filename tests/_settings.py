@@ -114,8 +114,8 @@ def enabling_settings(
 ) -> list[tuple[str, Any]] | None:
     """The choices with which a run of ``config`` reads ``key`` and accepts ``value`` there:
     ``[]`` when it does as it is; else one or two ``(choice key, choice)`` (e.g.
-    ``data.source='text_files'`` for ``data.paths``; ``model.ffn='moe'`` then
-    ``model.moe.dispatch='capacity'`` for ``model.moe.capacity_factor``), found by trying the
+    ``data.source='text_files'`` for ``data.paths``; ``model.ffn.dispatch='capacity'`` for
+    ``model.ffn.capacity_factor`` in a MoE run), found by trying the
     alternatives of every choice-valued setting; ``None`` when there are none."""
 
     def copy(changes: list[tuple[str, Any]]) -> ml_collections.ConfigDict:

@@ -24,13 +24,14 @@ def time_limit(seconds: float) -> float:
     return seconds * float(os.environ.get("DSC_TEST_TIME_SCALE", "1"))
 
 
-def load_config(name: str) -> ml_collections.ConfigDict:
-    """``configs/<name>.py``'s ``get_config()`` (what ``--config=configs/<name>.py`` loads)."""
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``configs/<name>.py``'s ``get_config()`` (what ``--config=configs/<name>.py`` loads;
+    with ``arg``: ``get_config(arg)``, what ``--config=configs/<name>.py:<arg>`` loads)."""
     path = REPO / "configs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def without_timing(records: list[dict]) -> list[dict]:

@@ -11,11 +11,12 @@ import os
 
 import pytest
 
-from dsc_jax.experiments import cli, runner
+from dsc_jax.experiments import cli, runner, sizing
 from dsc_jax.experiments.presets import STUDIES
 from dsc_jax.layers.configs import FFN_CONFIGS
 from dsc_jax.models.solver import SIZED_FIELDS, solve_iso_active
 from dsc_jax.train import config as config_lib
+from dsc_jax.train.presets import WIKITEXT_RAW_DIR
 from tests._settings import changed_values, enabling_settings, get, leaf_keys, plain
 from tests._train_utils import REPO
 
@@ -69,10 +70,27 @@ def default_runs():
 def _reader(key: str) -> str:
     """The variant whose run reads ``key`` (its own FFN group's; DSC otherwise)."""
     parts = key.split(".")
-    return parts[1] if parts[0] == "model" and len(parts) == 3 else "dsc"
+    return parts[1] if parts[0] == "model" and parts[1] in FFN_CONFIGS else "dsc"
 
 
-@pytest.mark.parametrize("key", leaf_keys())
+def _run_key(key: str) -> str:
+    """Where a ``--set`` key lives in a run's config: ``model.<kind>.f`` is ``model.ffn.f``."""
+    parts = key.split(".")
+    if parts[0] == "model" and parts[1] in FFN_CONFIGS:
+        return ".".join(["model", "ffn", *parts[2:]])
+    return key
+
+
+#: Every ``--set`` key: the leaves of base_config() without its FFN group, and every FFN
+#: field of every kind as ``model.<kind>.<field>``.
+SET_KEYS = (
+    [k for k in leaf_keys() if not k.startswith("model.ffn.")]
+    + [f"model.{kind}.{f.name}" for kind in KINDS for f in dataclasses.fields(FFN_CONFIGS[kind])]
+    + ["model.ffn.kind"]
+)
+
+
+@pytest.mark.parametrize("key", SET_KEYS)
 def test_every_setting_reaches_the_planned_runs_or_is_refused(
     key, default_runs, tmp_path, monkeypatch, capsys
 ):
@@ -81,10 +99,13 @@ def test_every_setting_reaches_the_planned_runs_or_is_refused(
     (config and fingerprint) as they were; or the command refuses it in one line. Keys a
     run reads only with another choice (``data.paths`` with ``data.source='text_files'``)
     are given with that choice. The changed values are tried in turn until one is taken."""
-    reference = default_runs[_reader(key)].config
-    for value in changed_values(reference, key):
-        assert plain(value) != plain(get(reference, key))
-        settings = [*(enabling_settings(reference, key, value) or []), (key, value)]
+    reference, where = default_runs[_reader(key)].config, _run_key(key)
+    for value in changed_values(reference, where):
+        assert plain(value) != plain(get(reference, where))
+        enable = enabling_settings(reference, where, value) or []
+        prefix = f"model.{_reader(key)}."
+        enable = [(k.replace("model.ffn.", prefix), v) for k, v in enable]
+        settings = [*enable, (key, value)]
         args = [a for k, v in settings for a in ("--set", f"{k}={json.dumps(v)}")]
         status, err, runs, _ = compare([*SWEEP, *args], tmp_path, monkeypatch, capsys)
         if status != 0:
@@ -96,7 +117,7 @@ def test_every_setting_reaches_the_planned_runs_or_is_refused(
         for run in runs:
             before = default_runs[run.variant.name]
             if run in readers:
-                assert _flat(run.config)[key] == plain(value), run.variant.name
+                assert _flat(run.config)[where] == plain(value), run.variant.name
                 assert runner.fingerprint(run.config) != runner.fingerprint(before.config)
             elif len(settings) == 1:  # a run that does not read it keeps the study's value
                 assert _flat(run.config) == _flat(before.config), run.variant.name
@@ -112,7 +133,7 @@ def test_a_sized_field_is_kept_and_the_rest_solved_for_it(kind, field, default_r
     """``--set model.<kind>.<field>`` on a size: the run keeps it and its other sizes are
     the solver's for that value (e.g. top_k=8: K=8 with M and H solved for K=8)."""
     study, before = STUDIES["tiny"], default_runs[kind]
-    value = get(before.config, f"model.{kind}.{field}") + 1
+    value = get(before.config, f"model.ffn.{field}") + 1
     try:
         (run,) = runner.plan(
             study, "/nonexistent", runner.method_variants([kind]), [0], None,
@@ -121,11 +142,11 @@ def test_a_sized_field_is_kept_and_the_rest_solved_for_it(kind, field, default_r
     except ValueError as err:  # no solution: one line naming the field
         assert field in str(err) and "\n" not in str(err)
         return
-    sizes = {f: run.config.model[kind][f] for f in SIZED_FIELDS[kind]}
+    sizes = {f: run.config.model.ffn[f] for f in SIZED_FIELDS[kind]}
     assert sizes[field] == value
-    base = study.base()
-    shape = runner._transformer(base, runner.Variant(kind, kind))
-    total, active = runner._targets(study, base, runner.Variant(kind, kind))
+    base = study.base(kind)
+    shape = sizing._transformer(base, runner.Variant(kind, kind))
+    total, active = sizing._targets(study, base, runner.Variant(kind, kind))
     targets = {"total_params": total} if kind == "dense" else {
         "total_params": total, "active_params": active,
     }  # fmt: skip
@@ -140,13 +161,19 @@ def test_top_k_gives_k_with_the_bank_solved_for_it(tmp_path, monkeypatch, capsys
     )
     assert status == 0
     dsc = next(r for r in runs if r.variant.kind == "dsc")
-    assert dsc.config.model.dsc.top_k == 8 and dsc.sizes["unfitted"] == []
+    assert dsc.config.model.ffn.top_k == 8 and dsc.sizes["unfitted"] == []
     assert "top_k=8" in out and "--set model.dsc.top_k=8: read by dsc" in out
 
 
 @pytest.mark.parametrize(
     ("setting", "pointer"),
-    [("seed=3", "--seeds"), ("name=x", "--study"), ("model.ffn=moe", "--methods")],
+    [
+        ("seed=3", "--seeds"),
+        ("name=x", "--study"),
+        ("model.ffn=moe", "--methods"),
+        ("model.ffn.kind=moe", "--methods"),
+        ("model.ffn.top_k=3", "model.<kind>.FIELD"),
+    ],
 )
 def test_settings_the_runner_owns_are_refused(setting, pointer, tmp_path, monkeypatch, capsys):
     status, err, _, _ = compare([*SWEEP, "--set", setting], tmp_path, monkeypatch, capsys)
@@ -159,6 +186,8 @@ def test_settings_the_runner_owns_are_refused(setting, pointer, tmp_path, monkey
         (["--set", "model.nope=1"], "unknown config key 'model.nope'"),
         (["--set", "nope.deeper=1"], "unknown config key 'nope.deeper'"),
         (["--set", "model.dsc=1"], "is a group of settings"),
+        (["--set", "model.dsc.nope=1"], "unknown config key 'model.dsc.nope'"),
+        (["--set", "model.moe.top_k=x"], "model.moe.top_k='x' is invalid"),
         (["--set", "seq_len=abc"], "seq_len='abc' is invalid"),
         (["--set", "optim.learning_rate=-1"], "optim.learning_rate=-1.0 is invalid"),
         (["--set", "seq_len"], "expected KEY=VALUE"),
@@ -209,7 +238,7 @@ def test_a_setting_on_an_ablation_axis_is_refused_naming_both(axis, tmp_path, mo
         assert axis == "scale"
         return
     key = own[0]
-    value = get(STUDIES["tiny"].base(), key)
+    value = get(STUDIES["tiny"].base(), key.replace("model.dsc.", "model.ffn."))
     args = ["--preset", "tiny", "--ablation", axis, "--seeds", "0"]
     status, err, _, _ = compare(
         [*args, "--set", f"{key}={json.dumps(value)}"], tmp_path, monkeypatch, capsys
@@ -238,16 +267,18 @@ def test_a_run_that_does_not_read_a_setting_keeps_its_config(default_runs):
 
 
 def _write_old_run(run: runner.Run) -> dict:
-    """done.json + config.json as older code left them: a stale fingerprint, a config.json
-    without a key added since, with a field since removed and another value in an FFN group
-    the run does not use."""
+    """done.json + config.json as older code left them: a stale fingerprint, one FFN group
+    per kind (``model.ffn`` the kind's name), a config.json without a key added since, with
+    a field since removed and another value in an FFN group the run does not use."""
     os.makedirs(run.workdir)
     saved = config_lib.plain_config(run.config)
+    group = saved["model"].pop("ffn")
+    kind = group.pop("kind")
+    saved["model"].update(ffn=kind, **{kind: group})
     unused = next(k for k in FFN_CONFIGS if k != run.variant.kind)
     fields = [f.name for f in dataclasses.fields(FFN_CONFIGS[unused])]
-    saved["model"][unused]["field_removed_since"] = 0.02  # not a field of today's code
-    saved["model"][unused][fields[0]] = 12345  # another value where the run does not look
-    added = next(k for k, v in sorted(saved["model"].items()) if not isinstance(v, dict))
+    saved["model"][unused] = {"field_removed_since": 0.02, fields[0]: 12345}
+    added = next(k for k, v in sorted(saved["model"].items()) if not isinstance(v, dict | str))
     del saved["model"][added]  # as if added to the code since (at its default)
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
         json.dump({"config": saved, "model": {}}, f)
@@ -270,14 +301,14 @@ def test_finished_run_of_older_code_is_reused_and_a_changed_setting_refused(
     # a setting the MoE run reads, changed on the command line: not this run
     assert cli.main([*args, "--plan", "--set", "model.moe.jitter_std=0.5"]) == 2
     err = capsys.readouterr().err
-    assert "finished with another config (model.moe.jitter_std: 0.01 -> 0.5)" in err
+    assert "finished with another config (model.ffn.jitter_std: 0.01 -> 0.5)" in err
     # ... or changed in the saved run
     saved["model"]["moe"]["top_k"] = 1
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
         json.dump({"config": saved, "model": {}}, f)
     assert runner.run_state(run)[0] == "conflict"
     assert cli.main([*args, "--plan"]) == 2
-    assert "model.moe.top_k: 1 -> 2" in capsys.readouterr().err
+    assert "model.ffn.top_k: 1 -> 2" in capsys.readouterr().err
 
 
 def test_a_setting_only_other_runs_read_keeps_a_finished_baseline(tmp_path, monkeypatch, capsys):
@@ -302,9 +333,15 @@ COMMITTED = [
 
 
 @pytest.mark.parametrize(("preset", "kind", "seed"), COMMITTED)
-def test_committed_baseline_runs_are_recognised_as_finished(preset, kind, seed):
+def test_committed_baseline_runs_are_recognised_as_finished(preset, kind, seed, monkeypatch):
     """What ``dsc-compare --preset P --results results --plan`` decides for the committed
-    baseline runs: finished (their config.json is older than some of today's keys)."""
+    baseline runs: finished (their config.json is in the older layout, and older than some
+    of today's keys), with ``$DSC_WIKITEXT_RAW_DIR`` at the folder they read."""
+    workdir = REPO / "results" / preset / f"{kind}_seed{seed}"
+    with open(workdir / "config.json") as f:
+        paths = json.load(f)["config"]["data"]["paths"]
+    if preset == "cpu_wikitext":
+        monkeypatch.setenv(WIKITEXT_RAW_DIR, os.path.dirname(paths[0]))
     study = STUDIES[preset]
     (run,) = runner.plan(
         study, str(REPO / "results" / preset), runner.method_variants([kind]), [seed]

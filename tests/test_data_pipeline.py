@@ -309,3 +309,29 @@ def test_bad_sizes_and_unknown_source(tmp_path, corpus_file):
     b = build_data(cfg, seq_len=8, global_batch_size=8, seed=0, process_count=2)
     with pytest.raises(ValueError, match="eval batch size 3 is not divisible by process_count 2"):
         b.eval_batches(1, 3)
+
+
+def test_data_paths_expand_environment_variables_or_name_the_unset_one(tmp_path, monkeypatch):
+    """A data root comes from the config or an environment variable, never a default path."""
+    from dsc_jax.data.text_io import expand_paths
+
+    (tmp_path / "a.txt").write_text("x")
+    monkeypatch.setenv("DSC_TEST_DATA_ROOT", str(tmp_path))
+    assert expand_paths(["$DSC_TEST_DATA_ROOT/a.txt"]) == [str(tmp_path / "a.txt")]
+    monkeypatch.delenv("DSC_TEST_DATA_ROOT")
+    with pytest.raises(
+        FileNotFoundError, match=r"environment variable\(s\) \['DSC_TEST_DATA_ROOT'\]"
+    ):
+        expand_paths(["${DSC_TEST_DATA_ROOT}/a.txt"])
+
+
+def test_the_wikitext_study_reads_its_folder_from_the_environment(monkeypatch):
+    from dsc_jax.train import presets
+
+    monkeypatch.delenv(presets.WIKITEXT_RAW_DIR, raising=False)
+    assert presets.cpu_wikitext().data.paths[0] == "$DSC_WIKITEXT_RAW_DIR/wiki.test.raw"
+    monkeypatch.setenv(presets.WIKITEXT_RAW_DIR, "/data/wt")
+    assert list(presets.cpu_wikitext().data.paths) == [
+        "/data/wt/wiki.test.raw",
+        "/data/wt/wiki.valid.raw",
+    ]

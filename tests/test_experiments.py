@@ -70,11 +70,12 @@ def test_settings_reach_the_runs_that_read_them(sweep):
     effective sizes commands.txt records; the MoE runs keep the study's value."""
     for seed in (0, 1):
         dsc = json.loads((sweep / f"dsc_seed{seed}" / "config.json").read_text())
-        assert dsc["config"]["model"]["dsc"]["tau"] == 10.0 and dsc["model"]["ffn"]["tau"] == 10.0
+        assert dsc["config"]["model"]["ffn"]["tau"] == 10.0 and dsc["model"]["ffn"]["tau"] == 10.0
         done = json.loads((sweep / f"dsc_seed{seed}" / runner.DONE_FILE).read_text())
         assert done["settings"] == {"model.dsc.tau": 10.0}
         moe = json.loads((sweep / f"moe_seed{seed}" / "config.json").read_text())
-        assert moe["config"]["model"]["dsc"]["tau"] == STUDIES["tiny"].base().model.dsc.tau
+        assert moe["config"]["model"]["ffn"]["kind"] == "moe"
+        assert "tau" not in moe["config"]["model"]["ffn"]
         assert "settings" not in json.loads(
             (sweep / f"moe_seed{seed}" / runner.DONE_FILE).read_text()
         )
@@ -248,20 +249,20 @@ def test_presets_and_ablations_are_constructible():
         runs = runner.plan(tiny, "/nonexistent", variants, [0])
         assert len(runs) == len(variants) >= 2
     k_runs = runner.plan(tiny, "/x", ablation_variants("top_k"), [0])
-    assert [r.config.model.dsc.top_k for r in k_runs] == [2, 4, 8, 16]
-    assert len({r.config.model.dsc.num_bases for r in k_runs}) == 1  # fixed M
+    assert [r.config.model.ffn.top_k for r in k_runs] == [2, 4, 8, 16]
+    assert len({r.config.model.ffn.num_bases for r in k_runs}) == 1  # fixed M
     no_aux = runner.plan(tiny, "/x", ablation_variants("regularisers"), [0])[1]
     assert no_aux.variant.name == "dsc_no_aux" and no_aux.config.losses.aux == 0.0
     scaled = runner.plan(tiny, "/x", ablation_variants("scale"), [0])
     widths = [r.config.model.d_model for r in scaled]
-    bases = [r.config.model.dsc.num_bases for r in scaled]
+    bases = [r.config.model.ffn.num_bases for r in scaled]
     assert widths == sorted(widths) and bases == sorted(bases) and bases[0] < bases[-1]
     # router axis: product keys at equal active parameters spend the smaller router on H
     routed = {r.variant.name: r for r in runner.plan(tiny, "/x", ablation_variants("router"), [0])}
     flat, pk, pk_same = (routed[n] for n in ("dsc_flat", "dsc_pk65536", "dsc_pk65536_same_ffn"))
-    assert flat.config.model.dsc.router == "flat"
-    assert pk.config.model.dsc.router == "product_key" and pk.config.model.dsc.num_bases == 65536
+    assert flat.config.model.ffn.router == "flat"
+    assert pk.config.model.ffn.router == "product_key" and pk.config.model.ffn.num_bases == 65536
     per_hidden_unit = 2 * tiny.base().model.d_model * tiny.base().model.num_layers
     assert abs(pk.sizes["active_params"] - flat.sizes["active_params"]) <= per_hidden_unit / 2
-    assert pk_same.config.model.dsc.hidden_dim == flat.config.model.dsc.hidden_dim
-    assert pk.config.model.dsc.hidden_dim != flat.config.model.dsc.hidden_dim
+    assert pk_same.config.model.ffn.hidden_dim == flat.config.model.ffn.hidden_dim
+    assert pk.config.model.ffn.hidden_dim != flat.config.model.ffn.hidden_dim

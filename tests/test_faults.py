@@ -159,8 +159,8 @@ def test_unreadable_checkpoints_refuse_then_start_over_sets_them_aside(
     [
         ("model.d_model", 64, "model.d_model: 32 -> 64"),  # a shape
         ("model.dtype", "bfloat16", "model.dtype: 'float32' -> 'bfloat16'"),
-        ("model.dsc.tau", 5.0, "model.dsc.tau: 20.0 -> 5.0"),
-        ("model.dsc.top_k", 4, "model.dsc.top_k: 2 -> 4"),
+        ("model.ffn.tau", 5.0, "model.ffn.tau: 20.0 -> 5.0"),
+        ("model.ffn.top_k", 4, "model.ffn.top_k: 2 -> 4"),
         ("losses.budget", 0.5, "losses.budget:"),
         ("optim.learning_rate", 1e-3, "optim.learning_rate: 0.003 -> 0.001"),
     ],
@@ -573,21 +573,21 @@ def test_resume_is_checked_against_the_checkpoints_own_settings(
             assert json.load(f)["config"]["optim"]["learning_rate"] == 0.003
 
 
-# Settings the run does not read (another FFN kind's group, another data source's keys) are
-# ignored by the checkpoint's check as by config.json's: they cannot change what it computes.
+# Settings the run does not read (another data source's keys) are ignored by the
+# checkpoint's check as by config.json's: they cannot change what it computes.
 def test_the_checkpoints_settings_check_ignores_unread_settings(finished_run, tmp_path, cache_dir):
     workdir = copy_run(finished_run, tmp_path)
     os.remove(os.path.join(workdir, "config.json"))  # only the checkpoint's record is left
     config = tiny(cache_dir, num_train_steps=10)
-    assert config.model.ffn == "dsc"
+    assert config.model.ffn.kind == "dsc" and config.data.source == "embedded"
     recorded = read_meta(os.path.join(workdir, "checkpoints"), 8)["config"]
-    assert recorded["model"]["moe"]["num_experts"] == config.model.moe.num_experts
-    config.model.moe.num_experts *= 2
+    assert recorded["data"]["tfds_train_split"] == config.data.tfds_train_split
+    config.data.tfds_train_split = "other"  # read by tfds:<name> sources only
     config.data.wikitext_dir = str(tmp_path / "elsewhere")
     assert train_and_evaluate(config, workdir)["step"] == 10
     with open(os.path.join(workdir, "config.json")) as f:  # written again, as run_record()
         record = json.load(f)
-    assert record["config"]["model"]["moe"]["num_experts"] == config.model.moe.num_experts
+    assert record["config"]["data"]["tfds_train_split"] == "other"
     assert record["model"]["ffn"]["kind"] == "dsc"
 
 

@@ -103,11 +103,7 @@ def test_trainer_trains_every_ffn_kind(kind, tmp_path):
     from dsc_jax.train.trainer import train_and_evaluate
     from tests._train_utils import load_config
 
-    config = load_config("tiny")
-    config.model.ffn = kind
-    config.model.moe.update(num_experts=4, top_k=2, hidden_dim=16)
-    config.model.molora.update(num_experts=4, rank=4, top_k=2, hidden_dim=32)
-    config.model.dense.update(hidden_dim=64)
+    config = load_config("tiny", kind)  # moe 4/2/16, molora 4/4/2/32, dense 64
     config.num_train_steps = 16
     config.eval_every_steps = 16
     config.log_every_steps = 1

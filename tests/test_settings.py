@@ -5,6 +5,7 @@ line, not compared on resume, and listed when a config file holds them."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -20,7 +21,6 @@ from tests._settings import (
     get,
     leaf_keys,
     plain,
-    put,
 )
 from tests._train_utils import REPO, load_config
 
@@ -39,9 +39,10 @@ def _flatten(tree, prefix=""):
     return out
 
 
-def train_config(monkeypatch, *overrides: str):
-    """What ``dsc-train --config=configs/tiny.py OVERRIDES`` hands the trainer."""
-    argv = ["dsc-train", f"--config={TINY}", *overrides, "--workdir=/nonexistent"]
+def train_config(monkeypatch, *overrides: str, kind: str | None = None):
+    """What ``dsc-train --config=configs/tiny.py[:KIND] OVERRIDES`` hands the trainer."""
+    config = f"--config={TINY}" + (f":{kind}" if kind else "")
+    argv = ["dsc-train", config, *overrides, "--workdir=/nonexistent"]
     values = flags.FlagValues()
     cli.define_flags(values)
     monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the overrides from it
@@ -49,23 +50,31 @@ def train_config(monkeypatch, *overrides: str):
     return cli.load_config(values)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_config("tiny")
+#: (FFN kind of ``configs/tiny.py:KIND``, key): every leaf of the DSC run, and every FFN
+#: field of the other kinds in a run of that kind.
+CASES = [(None, key) for key in leaf_keys()] + [
+    (kind, key)
+    for kind in FFN_CONFIGS
+    if kind != "dsc"
+    for key in leaf_keys(config_lib.base_config(kind))
+    if key.startswith("model.ffn.")
+]
 
 
-@pytest.mark.parametrize("key", leaf_keys())
-def test_every_train_setting_reaches_config_json_or_is_refused(key, tiny, monkeypatch):
-    """Keys the tiny run does not read (another FFN kind's, another data source's, a layer
-    option of another mode) are given together with the choice that makes the run read them
-    (``model.ffn``, ``data.source``, ``model.moe.dispatch``, ...) where one exists. The
-    changed values are tried in turn until one is taken."""
+@pytest.mark.parametrize(("kind", "key"), CASES)
+def test_every_train_setting_reaches_config_json_or_is_refused(kind, key, monkeypatch):
+    """Keys the tiny run does not read (another data source's, a layer option of another
+    mode) are given together with the choice that makes the run read them (``data.source``,
+    ``model.ffn.dispatch``, ...) where one exists. The changed values are tried in turn
+    until one is taken."""
+    tiny = load_config("tiny", kind)
     for value in changed_values(tiny, key):
         assert plain(value) != plain(get(tiny, key))
         enable = enabling_settings(tiny, key, value) or []
         args = [f"--config.{other}={cli_text(choice)}" for other, choice in enable]
         try:
-            config = train_config(monkeypatch, *args, f"--config.{key}={cli_text(value)}")
+            override = f"--config.{key}={cli_text(value)}"
+            config = train_config(monkeypatch, *args, override, kind=kind)
             record = config_lib.run_record(config, 256)  # what the trainer writes
         except SystemExit as stop:  # flag parsing: "dsc-train: error: ..." then a hint line
             first = str(stop.code).splitlines()[0]
@@ -76,9 +85,7 @@ def test_every_train_setting_reaches_config_json_or_is_refused(key, tiny, monkey
             continue
         assert _flatten(plain(record["config"]))[key] == plain(value)
         model, leaf = record["model"], key.rsplit(".", 1)[-1]
-        if key == "model.ffn":
-            assert model["ffn"]["kind"] == value
-        elif key.startswith(f"model.{config.model.ffn}."):
+        if key.startswith("model.ffn."):
             assert model["ffn"][leaf] == plain(value)
         elif key.startswith("model.") and key.count(".") == 1:
             assert model[leaf] == plain(value)
@@ -91,35 +98,37 @@ def test_a_flag_given_twice_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", tuple(FFN_CONFIGS))
-def test_other_ffn_groups_are_refused_on_the_command_line(kind, monkeypatch):
+def test_a_field_of_another_ffn_kind_is_refused_on_the_command_line(kind, monkeypatch):
+    """The run config holds its own kind's FFN group only: another kind's field is an
+    unknown key, and switching the kind on the command line names the way to pick it."""
+    field = next(
+        f.name
+        for other in FFN_CONFIGS.values()
+        for f in dataclasses.fields(other)
+        if f.name not in {g.name for g in dataclasses.fields(FFN_CONFIGS[kind])}
+    )
+    with pytest.raises(SystemExit) as stop:
+        train_config(monkeypatch, f"--config.model.ffn.{field}=7", kind=kind)
+    first = str(stop.value.code).splitlines()[0]
+    assert first.startswith("dsc-train: error:") and field in first
     other = next(k for k in FFN_CONFIGS if k != kind)
     with pytest.raises(ValueError) as err:
-        train_config(
-            monkeypatch,
-            f"--config.model.ffn={kind}",
-            f"--config.model.{other}.hidden_dim=7",
-        )
+        train_config(monkeypatch, f"--config.model.ffn.kind={other}", kind=kind)
     message = str(err.value)
-    assert f"--config.model.{other}.hidden_dim=7" in message
-    assert f"model.ffn={kind!r} builds model.{kind} only" in message and "\n" not in message
-    # the same group in the config file is accepted (and listed for the log)
-    config = train_config(monkeypatch, f"--config.model.ffn={kind}")
-    put(config, f"model.{other}.hidden_dim", 7)
-    changes = config_lib.unread_changes(config)
-    assert (f"model.{other}.hidden_dim", 7) in [(k, v) for k, v, _ in changes]
+    assert f"model.ffn.kind={other!r} is invalid" in message and f":{other}" in message
+    assert "\n" not in message
 
 
 def test_settings_a_run_does_not_read():
-    config = load_config("tiny")
-    config.model.ffn = "dense"
+    config = load_config("tiny", "dense")
     unread = config_lib.unread_settings(config)
-    for key in ("model.dsc", "model.moe", "model.molora", "bank_projection", "losses.frame"):
+    for key in ("bank_projection", "losses.frame", "losses.budget"):
         assert key in unread
     for key in ("router_lr_multiplier", "losses.aux", "losses.z", "data.paths"):
         assert key in unread
-    assert "model.dense" not in unread and "optim.learning_rate" not in unread
-    config.model.ffn = "dsc"
-    config.model.dsc.frame_regularizer = False
+    assert not any(k.startswith("model.") for k in unread) and "optim.learning_rate" not in unread
+    config = load_config("tiny")
+    config.model.ffn.frame_regularizer = False
     unread = config_lib.unread_settings(config)
     assert "losses.frame" in unread and "losses.budget" not in unread
     assert "bank_projection" not in unread
@@ -129,24 +138,25 @@ def test_settings_a_run_does_not_read():
     assert "data.paths" not in unread and "data.calc_prob" not in unread
     assert "data.embedded_max_bytes" in unread and "data.tfds_train_split" in unread
     read = config_lib.read_settings(config)
-    assert "dsc" in read["model"] and "moe" not in read["model"]
+    assert read["model"]["ffn"]["kind"] == "dsc"
     assert "frame" not in read["losses"] and "embedded_max_bytes" not in read["data"]
 
 
 def test_resume_ignores_what_the_run_does_not_read():
-    """A MoE run saved by older code (an unused ``model.dsc`` group with a field since
-    removed, another value in it) resumes; a change it reads is refused."""
-    config = load_config("tiny")
-    config.model.ffn = "moe"
+    """A MoE run saved by older code (one group per FFN kind: an unused ``model.dsc`` group
+    with a field since removed, another value in it) resumes; a change it reads is
+    refused."""
+    config = load_config("tiny", "moe")
     saved = config_lib.plain_config(config)
-    saved["model"]["dsc"]["retired_field"] = 1.0
-    saved["model"]["dsc"]["num_bases"] = 999
+    group = saved["model"].pop("ffn")
+    del group["kind"]
+    saved["model"].update(ffn="moe", moe=group)
+    saved["model"]["dsc"] = {"retired_field": 1.0, "num_bases": 999}
     saved["bank_projection"] = "none"
-    del saved["model"]["dsc"]["tau"]
     assert config_lib.resume_changes(saved, config) == ([], [])
     saved["model"]["moe"]["top_k"] = 1
     allowed, refused = config_lib.resume_changes(saved, config)
-    assert not allowed and [key for key, _, _ in refused] == ["model.moe.top_k"]
+    assert not allowed and [key for key, _, _ in refused] == ["model.ffn.top_k"]
 
 
 def test_layer_options_of_another_mode_are_refused():
@@ -177,6 +187,7 @@ def test_presets_hold_no_setting_their_runs_ignore():
 
     for kind in PAPER_FFN_KINDS:
         assert config_lib.unread_changes(paper_recipe(kind)) == [], kind
+        assert config_lib.unread_changes(load_config("tiny", kind)) == [], kind
     for name, study in STUDIES.items():
         for run in runner.plan(study, "/x", runner.method_variants(study.methods), [0]):
             assert config_lib.unread_changes(run.config) == [], (name, run.variant.name)

@@ -47,7 +47,7 @@ def paper_config(zip_path: str, storage: dict[str, str], gpt2_dir: str, num_trai
     config.compilation_cache_dir = storage["jax_cache"]
     # Shrink the model and the batch, keep the data path and the optimiser recipe.
     config.model.update(num_layers=1, d_model=32, num_heads=2)
-    config.model.dsc.update(num_bases=16, top_k=2, hidden_dim=32)
+    config.model.ffn.update(num_bases=16, top_k=2, hidden_dim=32)
     config.update(
         seq_len=32,
         batch_size=8,

@@ -1,4 +1,4 @@
-"""The paper's text transform (spec §8): line filter plus seeded ``Calc:`` lines."""
+"""The paper's text transform (its reference code): line filter plus seeded ``Calc:`` lines."""
 
 from __future__ import annotations
 

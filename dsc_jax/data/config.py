@@ -46,7 +46,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tfds_train_split = "train"
     c.tfds_validation_split = "validation"
     # "standard": train on the train split, validate on the validation split, no augmentation.
-    # "paper": spec §8 (line filter, "Calc:" lines, 90 % of train tokens, last 10 % of valid).
+    # "paper": the paper's reference pipeline (line filter, "Calc:" lines, 90 % of train
+    # tokens, last 10 % of valid).
     c.pipeline = "standard"
     # Read at most this many characters of each split's raw text (0 or None: everything).
     c.max_chars = 20_000_000

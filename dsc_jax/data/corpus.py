@@ -4,7 +4,8 @@ Pipelines (``data.pipeline``):
 
 * ``"standard"``: train = tokens of the source's train text, validation = tokens of its
   validation text; no augmentation.
-* ``"paper"`` (spec §8): each raw text (first ``max_chars`` characters) goes through
+* ``"paper"`` (the paper's reference code): each raw text (first ``max_chars`` characters)
+  goes through
   :func:`dsc_jax.data.augment.paper_augment` (train seeded ``[augment_seed, 0]``, validation
   ``[augment_seed, 1]``) and is tokenised; train = first ``train_fraction`` of the train tokens,
   validation = the validation tokens after their first ``train_fraction``. A source without its

@@ -5,10 +5,12 @@ from __future__ import annotations
 import codecs
 import glob
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 _BLOCK = 1 << 20
+_ENV_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
 def _utf8_error(name: str, offset: int, err: UnicodeDecodeError) -> ValueError:
@@ -79,15 +81,33 @@ def read_text(path: str, max_chars: int | None = None) -> str:
         return take_chars(iter_utf8(f, path), max_chars)
 
 
-def expand_paths(patterns: Iterable[str]) -> list[str]:
-    """Expand ``~`` and globs; each glob's matches are sorted, explicit files keep their order.
+def _expand(pattern: str) -> str:
+    """``pattern`` with ``~`` and ``$VAR`` / ``${VAR}`` expanded.
 
     Raises:
-      FileNotFoundError: a pattern matches no file (message names the pattern).
+      FileNotFoundError: naming an environment variable the pattern uses that is not set.
+    """
+    expanded = os.path.expandvars(os.path.expanduser(pattern))
+    unset = sorted({m.group(1) or m.group(2) for m in _ENV_VAR.finditer(expanded)})
+    if unset:
+        raise FileNotFoundError(
+            f"data.paths: {pattern!r} names the environment variable(s) {unset}, which are "
+            "not set; set them to the data folder (or give the paths themselves)."
+        )
+    return expanded
+
+
+def expand_paths(patterns: Iterable[str]) -> list[str]:
+    """Expand ``~``, environment variables (``$VAR``) and globs; each glob's matches are
+    sorted, explicit files keep their order.
+
+    Raises:
+      FileNotFoundError: a pattern matches no file, or names an environment variable that is
+        not set (the message names the pattern).
     """
     files: list[str] = []
     for pattern in patterns:
-        expanded = os.path.expanduser(pattern)
+        expanded = _expand(pattern)
         if glob.has_magic(expanded):
             matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
             if not matches:

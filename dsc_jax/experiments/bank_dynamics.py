@@ -62,7 +62,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,11 +72,23 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsc_jax._storage import save_figure_atomically, write_json_atomically
+from dsc_jax._storage import write_json_atomically
 from dsc_jax.experiments import runner
+from dsc_jax.experiments.bank_report import plot, summarise, table
+from dsc_jax.experiments.bank_stats import (
+    ROW_STATS,
+    bank_leaves,
+    bank_means,
+    eval_summary,
+    interval_angles,
+    keep_last_update,
+    last_update,
+    layer_values,
+    mean_row_norms,
+    step_statistics,
+)
 from dsc_jax.experiments.presets import STUDIES
 from dsc_jax.layers.losses import LossWeights
-from dsc_jax.param_groups import is_bank_path
 from dsc_jax.sharding import shard_batch
 from dsc_jax.train import config as config_lib
 from dsc_jax.train import steps as steps_lib
@@ -90,157 +102,6 @@ LABELS = {
     "dsc_reference_bank": "0.02×orthogonal, no projection (reference)",
     "dsc_r0.02": "r=0.02, retract (new default)",
 }
-BANKS = {"basis_u": "u", "basis_v": "v"}
-ROW_STATS = ("step_angle", "update_over_norm", "update_abs", "post_abs")
-EVAL_STATS = (
-    "used_frac",
-    "usage_entropy_norm",
-    "signal_collapse_frac",
-    "mean_signal",
-    "erank_u",
-    "erank_v",
-)
-TABLE_WINDOW = 100  # steps averaged for the table's first/last angular rate
-EPS = 1e-12
-
-
-# --------------------------------------------------------------------------- optimiser tap
-
-
-class LastUpdate(NamedTuple):
-    """Optimiser state of :func:`keep_last_update`: the update it last passed on."""
-
-    updates: Any
-
-
-def keep_last_update() -> optax.GradientTransformation:
-    """A pass-through optax stage that keeps the update it saw in its state (chained after the
-    optimiser and before the bank retraction: the raw step before the retraction)."""
-
-    def init_fn(params: Any) -> LastUpdate:
-        return LastUpdate(jax.tree.map(jnp.zeros_like, params))
-
-    def update_fn(updates: Any, state: LastUpdate, params: Any = None) -> tuple[Any, LastUpdate]:
-        del state, params
-        return updates, LastUpdate(updates)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def last_update(opt_state: Any) -> Any:
-    """The :class:`LastUpdate` updates inside an optimiser state."""
-    found = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, LastUpdate))
-        if isinstance(s, LastUpdate)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"expected one LastUpdate in the optimiser state, found {len(found)}")
-    return found[0].updates
-
-
-# --------------------------------------------------------------------------- bank statistics
-
-
-def _path_name(path: Any) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def bank_leaves(tree: Any) -> dict[str, jax.Array]:
-    """``{"block_0/ffn/basis_u": [..., M, d], ...}``: the bank leaves of a params-like tree."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if is_bank_path(path):
-            out[_path_name(path)] = leaf
-    return out
-
-
-def _row_norms(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
-
-
-def unit_angle(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Row-wise angle between the directions of ``a`` and ``b`` ``[..., d]``, as
-    ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` (accurate for tiny angles, unlike ``arccos``)."""
-    xp = jnp if isinstance(a, jax.Array) else np
-    na = a / xp.maximum(xp.linalg.norm(a, axis=-1, keepdims=True), EPS)
-    nb = b / xp.maximum(xp.linalg.norm(b, axis=-1, keepdims=True), EPS)
-    diff = xp.linalg.norm(na - nb, axis=-1)
-    total = xp.linalg.norm(na + nb, axis=-1)
-    return 2.0 * xp.arctan2(diff, total)
-
-
-def step_statistics(old: Any, new: Any, update: Any) -> dict[str, dict[str, jax.Array]]:
-    """Per bank leaf, means over its atoms (a scanned ``[L, M, d]`` leaf gives ``[L]``):
-    ``step_angle`` (old → new direction), ``update_over_norm`` (``‖Δ_j‖ / ‖û_j‖``),
-    ``update_abs`` (mean ``|Δ|`` per coordinate, pre-retraction), ``post_abs`` (mean
-    ``|new − old|`` per coordinate)."""
-    old_b, new_b, upd_b = bank_leaves(old), bank_leaves(new), bank_leaves(update)
-    out = {}
-    for name, o in old_b.items():
-        o = o.astype(jnp.float32)
-        n = new_b[name].astype(jnp.float32)
-        u = upd_b[name].astype(jnp.float32)
-        out[name] = {
-            "step_angle": jnp.mean(unit_angle(o, n), axis=-1),
-            "update_over_norm": jnp.mean(_row_norms(u) / jnp.maximum(_row_norms(o), EPS), -1),
-            "update_abs": jnp.mean(jnp.abs(u), axis=(-2, -1)),
-            "post_abs": jnp.mean(jnp.abs(n - o), axis=(-2, -1)),
-        }
-    return out
-
-
-def _per_layer(name: str, value: Any) -> dict[str, float]:
-    """``{"block_0/ffn/u": x}`` for one bank leaf's statistic (``layer_i`` when stacked)."""
-    head, leaf = name.rsplit("/", 1)
-    value = np.asarray(value, np.float64)
-    if value.ndim == 0:
-        return {f"{head}/{BANKS[leaf]}": float(value)}
-    return {f"{head}/layer_{i}/{BANKS[leaf]}": float(v) for i, v in enumerate(value.ravel())}
-
-
-def _by_bank(per_layer: Mapping[str, float]) -> dict[str, float]:
-    """Means over layers of each bank ``u``/``v`` (and ``all``: both)."""
-    out = {}
-    for bank in ("u", "v"):
-        values = [v for k, v in per_layer.items() if k.endswith(f"/{bank}")]
-        out[bank] = float(np.mean(values)) if values else float("nan")
-    out["all"] = float(np.mean([out["u"], out["v"]]))
-    return out
-
-
-def interval_angles(start: Mapping[str, np.ndarray], end: Mapping[str, np.ndarray]):
-    """Per-layer mean over atoms of the angle between ``start`` and ``end`` rows (host,
-    float64)."""
-    out: dict[str, float] = {}
-    for name, a in start.items():
-        angle = unit_angle(np.asarray(a, np.float64), np.asarray(end[name], np.float64))
-        out.update(_per_layer(name, angle.mean(axis=-1)))
-    return out
-
-
-def mean_row_norms(banks: Mapping[str, np.ndarray]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, b in banks.items():
-        norms = np.linalg.norm(np.asarray(b, np.float64), axis=-1)
-        out.update(_per_layer(name, norms.mean(axis=-1)))
-    return out
-
-
-def eval_summary(record: Mapping[str, float]) -> dict[str, Any]:
-    """The evaluator's record reduced to ``eval_loss`` and means over DSC layers of
-    :data:`EVAL_STATS` (``per_layer``: each layer's)."""
-    out: dict[str, Any] = {"eval_loss": float(record["eval_loss"])}
-    per_layer: dict[str, float] = {}
-    for stat in EVAL_STATS:
-        values = []
-        for key, value in record.items():
-            if key.startswith("diag/") and key.rsplit("/", 1)[-1] == stat:
-                per_layer[key.removeprefix("diag/")] = float(value)
-                values.append(float(value))
-        out[stat] = float(np.mean(values)) if values else None
-    out["per_layer"] = per_layer
-    return out
 
 
 # --------------------------------------------------------------------------- one run
@@ -254,7 +115,7 @@ def run_config(
     variants = {v.name: v for v in runner.ablation_variants("bank")}
     if variant_name not in variants:
         raise ValueError(f"unknown bank variant {variant_name!r}; expected one of {variants}")
-    return runner.method_config(study, study.base(), variants[variant_name], seed, steps)
+    return runner.method_config(study, study.base("dsc"), variants[variant_name], seed, steps)
 
 
 def train_and_measure(
@@ -310,7 +171,7 @@ def train_and_measure(
     evals: list[dict[str, Any]] = [{"step": 0, **eval_summary(evaluate(state.params))}]
 
     def add(series: str, values: Mapping[str, float]) -> None:
-        for bank_key, v in _by_bank(values).items():
+        for bank_key, v in bank_means(values).items():
             dyn.setdefault(series, {}).setdefault(bank_key, []).append(v)
         for layer_key, v in values.items():
             per_layer.setdefault(series, {}).setdefault(layer_key, []).append(v)
@@ -318,7 +179,7 @@ def train_and_measure(
     acc: dict[str, dict[str, float]] = {}
     losses: list[float] = []
     t0 = time.time()
-    log(f"[bank_dynamics] {name}: {total} steps, row norm at init {_by_bank(norm0)['all']:.4g}")
+    log(f"[bank_dynamics] {name}: {total} steps, row norm at init {bank_means(norm0)['all']:.4g}")
     for s in range(1, total + 1):
         batch = shard_batch(next(run.bundle.train), run.mesh)
         state, metrics, stats = step(state, batch, rng)
@@ -328,7 +189,7 @@ def train_and_measure(
         losses.append(float(loss))
         for leaf, values in stats.items():
             for stat, value in values.items():
-                for key, v in _per_layer(leaf, value).items():
+                for key, v in layer_values(leaf, value).items():
                     acc.setdefault(stat, {}).setdefault(key, 0.0)
                     acc[stat][key] += v
         if s % delta == 0 or s == total:
@@ -357,12 +218,12 @@ def train_and_measure(
             )
     return {
         "label": LABELS.get(name, name),
-        "bank_radius": config.model.dsc.bank_radius,
-        "bank_init": config.model.dsc.bank_init,
+        "bank_radius": config.model.ffn.bank_radius,
+        "bank_init": config.model.ffn.bank_init,
         "bank_projection": config.bank_projection,
         "d_model": config.model.d_model,
-        "num_bases": config.model.dsc.num_bases,
-        "row_norm_init": _by_bank(norm0),
+        "num_bases": config.model.ffn.num_bases,
+        "row_norm_init": bank_means(norm0),
         "row_norm_init_per_layer": norm0,
         "dynamics": dyn,
         "dynamics_per_layer": per_layer,
@@ -370,133 +231,6 @@ def train_and_measure(
         "lr_schedule": lrs,
         "seconds": time.time() - t0,
     }
-
-
-# --------------------------------------------------------------------------- summary, plot
-
-
-def _window_mean(dyn: Mapping[str, Any], series: str, lo: int, hi: int) -> float:
-    values = [
-        v
-        for s, v in zip(dyn["step"], dyn[series]["all"], strict=True)
-        if lo < s <= hi  # intervals ending in (lo, hi]
-    ]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def summarise(runs: Mapping[str, Any], total: int) -> list[dict[str, Any]]:
-    """One row per run: mean angular rate over the first and last :data:`TABLE_WINDOW` steps,
-    final row norm, last evaluation's used / gated-off fractions and validation loss."""
-    window = min(TABLE_WINDOW, total)
-    rows = []
-    for name, r in runs.items():
-        dyn, last = r["dynamics"], r["eval"][-1]
-        rows.append(
-            {
-                "variant": name,
-                "first_window": [0, window],
-                "last_window": [total - window, total],
-                "angle_first": _window_mean(dyn, "angle_per_step", 0, window),
-                "angle_last": _window_mean(dyn, "angle_per_step", total - window, total),
-                "step_angle_first": _window_mean(dyn, "step_angle", 0, window),
-                "step_angle_last": _window_mean(dyn, "step_angle", total - window, total),
-                "update_abs_first": _window_mean(dyn, "update_abs", 0, window),
-                "update_abs_last": _window_mean(dyn, "update_abs", total - window, total),
-                "row_norm_init": r["row_norm_init"]["all"],
-                "row_norm_final": dyn["row_norm"]["all"][-1],
-                "used_frac": last["used_frac"],
-                "gated_off_frac": last["signal_collapse_frac"],
-                "usage_entropy_norm": last["usage_entropy_norm"],
-                "eval_loss": last["eval_loss"],
-            }
-        )
-    return rows
-
-
-def table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The summary as a fixed-width text table."""
-    if not rows:
-        return ""
-    (a0, a1), (b0, b1) = rows[0]["first_window"], rows[0]["last_window"]
-    head = (
-        f"{'variant':<20} {f'rad/step {a0}-{a1}':>16} {f'rad/step {b0}-{b1}':>16} "
-        f"{'1-step rad':>11} {f'|Δ|/coord {a0}-{a1}':>17} {f'|Δ|/coord {b0}-{b1}':>17} "
-        f"{'norm init':>9} {'norm final':>10} {'used':>6} {'gated off':>9} {'val loss':>8}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['variant']:<20} {r['angle_first']:>16.4g} {r['angle_last']:>16.4g} "
-            f"{r['step_angle_last']:>11.4g} {r['update_abs_first']:>17.3g} "
-            f"{r['update_abs_last']:>17.3g} {r['row_norm_init']:>9.4g} "
-            f"{r['row_norm_final']:>10.4g} {r['used_frac']:>6.3f} {r['gated_off_frac']:>9.3f} "
-            f"{r['eval_loss']:>8.4f}"
-        )
-    lines.append(
-        "rad/step: mean over atoms of angle(row at t-Δ, row at t)/Δ, averaged over the window; "
-        "1-step rad: mean single-step angle over the last window; |Δ|/coord: mean |Adam "
-        "update| per raw coordinate before retraction; used, gated off (S < 0.1), val loss: "
-        "last evaluation."
-    )
-    return "\n".join(lines)
-
-
-def plot(result: Mapping[str, Any], path: str) -> str:
-    """The six-panel figure (one line per run; dotted: single-step angle, learning rate)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    ax_angle, ax_norm, ax_step, ax_used, ax_gate, ax_loss = axes.ravel()
-    for i, (name, r) in enumerate(result["runs"].items()):
-        color = f"C{i}"
-        dyn = r["dynamics"]
-        label = r["label"]
-        ax_angle.plot(dyn["step"], dyn["angle_per_step"]["all"], color=color, label=label)
-        ax_angle.plot(dyn["step"], dyn["step_angle"]["all"], color=color, ls=":", lw=1.2)
-        norm_steps = [0, *dyn["step"]]
-        for bank, ls in (("u", "-"), ("v", "--")):
-            norms = [r["row_norm_init"][bank], *dyn["row_norm"][bank]]
-            ax_norm.plot(norm_steps, norms, color=color, ls=ls, label=f"{name} {bank}")
-        ax_step.plot(dyn["step"], dyn["update_abs"]["all"], color=color, label=name)
-        ev = r["eval"]
-        steps = [e["step"] for e in ev]
-        ax_used.plot(steps, [e["used_frac"] for e in ev], color=color, marker="o", ms=3, label=name)
-        ax_gate.plot(steps, [e["signal_collapse_frac"] for e in ev], color=color, marker="o", ms=3)
-        ax_loss.plot(steps, [e["eval_loss"] for e in ev], color=color, marker="o", ms=3)
-    one = next(iter(result["runs"].values()))
-    first = one["dynamics"]
-    ax_step.plot(first["step"], first["lr"], color="k", ls=":", label="learning rate")
-    ax_angle.set_yscale("log")
-    ax_angle.set_title(
-        f"atom turning rate (rad/step; solid: over Δ={result['delta']}, dotted: 1 step)"
-    )
-    ax_angle.legend(fontsize=8)
-    ax_norm.set_yscale("log")
-    ax_norm.set_title("mean raw row norm ‖û_j‖ (solid u, dashed v)")
-    ax_norm.legend(fontsize=7, ncol=2)
-    ax_step.set_yscale("log")
-    ax_step.set_title("mean |Adam update| per raw coordinate (pre-retraction)")
-    ax_step.legend(fontsize=8)
-    ax_used.set_title("fraction of atoms used (validation)")
-    ax_used.set_ylim(0, 1.02)
-    ax_used.legend(fontsize=8)
-    ax_gate.set_title("fraction of tokens gated off (S < 0.1)")
-    ax_gate.set_ylim(-0.02, 1.02)
-    ax_loss.set_title("validation loss (nats/token)")
-    for ax in axes.ravel():
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(
-        f"DSC bank dynamics, preset {result['preset']}, seed {result['seed']} (d={one['d_model']}, "
-        f"M={one['num_bases']} atoms; means over atoms, layers and the u, v banks)"
-    )
-    fig.tight_layout()
-    save_figure_atomically(fig, path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- CLI

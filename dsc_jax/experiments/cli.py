@@ -4,7 +4,7 @@
     dsc-compare --preset cpu_wikitext --seeds 0,1,2
     dsc-compare --preset tiny --ablation top_k         # K ∈ {2,4,8,16} at fixed M
     dsc-compare --preset cpu_embedded --ablation router  # flat vs product keys, M ≤ 65,536
-    dsc-compare --preset paper                         # spec §7 on an accelerator
+    dsc-compare --preset paper                         # the paper's setting (accelerator)
 
 Runs go to ``<results>/<study>/<variant>_seed<k>/``; rerunning skips finished runs and
 resumes interrupted ones; the report (comparison.md/.json, convergence.png, dsc_bank.png)
@@ -13,8 +13,9 @@ variant's effective FFN and parameter counts and what each run would do (train, 
 skip as finished, or refuse: finished with other settings), then exits.
 
 ``--set KEY=VALUE`` (JSON values; plain text is a string) sets any key of the study's base
-config, FFN fields included: ``--set model.dsc.top_k=8`` keeps K=8 and solves M and H for
-it, ``--set model.dsc.tau=5`` is applied as given (see
+config. FFN fields name the kind, as a sweep trains several (each run's config holds its
+own kind's group as ``model.ffn``): ``--set model.dsc.top_k=8`` keeps K=8 in the DSC runs
+and solves M and H for it, ``--set model.dsc.tau=5`` is applied as given (see
 :mod:`dsc_jax.experiments.runner`). Settings that would not take effect are refused with
 one ``dsc-compare: error:`` line and exit status 2: ``seed``/``name``/``model.ffn`` (use
 ``--seeds``/``--study``/``--methods``), a key an ablation variant sets itself, an FFN group

@@ -2,8 +2,10 @@
 
 A model (e.g. :class:`dsc_jax.GPTConfig`) holds one of these as its ``ffn``; the config
 carries the layer's own hyper-parameters, the model supplies the shared ones (``dtype``,
-``param_dtype``, ``dropout_rate`` and the residual init std). Defaults are the paper's
-iso-parameter sizes (:mod:`dsc_jax.paper`). Each config is validated on construction by the
+``param_dtype``, ``dropout_rate`` and the residual init std). The fields are the layer's
+(:func:`_from_layer` reads them off the Linen dataclass, so a field added to a layer is in its
+config), with the layer's defaults; the sizes the layer requires default to the paper's
+iso-parameter ones (:mod:`dsc_jax.paper`). Each config is validated on construction by the
 layer it builds, so the error names the layer field.
 
     ffn = DSCConfig(num_bases=128, top_k=4, hidden_dim=256)
@@ -13,16 +15,16 @@ layer it builds, so the error names the layer field.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from dsc_jax import paper
-from dsc_jax.layers import moe
 from dsc_jax.layers.dense import DenseFFN
-from dsc_jax.layers.dsc import DEFAULT_BANK_RADIUS, DSCLayer
+from dsc_jax.layers.dsc import DSCLayer
 from dsc_jax.layers.moe import MoELayer
 from dsc_jax.layers.molora import MoLoRALayer
 
@@ -55,7 +57,7 @@ class _FFNConfig:
         name: str | None = None,
     ) -> nn.Module:
         """The Linen layer. ``out_init_std`` is the model's residual-projection std, used
-        unless this config fixes its own (``DSCConfig`` does: spec §1)."""
+        unless this config fixes its own (``DSCConfig`` does)."""
         fields = self.layer_fields()
         if out_init_std is not None:
             fields.setdefault("out_init_std", out_init_std)
@@ -72,74 +74,93 @@ class _FFNConfig:
         return dataclasses.replace(self, **changes)
 
 
-@dataclasses.dataclass(frozen=True)
+MODEL_FIELDS = ("dropout_rate", "dtype", "param_dtype", "parent", "name")
+"""Layer fields the model supplies to every FFN (:meth:`_FFNConfig.make`), not its config."""
+
+
+def _from_layer(layer: type[nn.Module], **defaults: Any) -> Callable[[type], type]:
+    """Class decorator: a frozen dataclass whose fields are ``layer``'s dataclass fields
+    less :data:`MODEL_FIELDS`, in the layer's order and with the layer's defaults, except the
+    ``defaults`` given here (sizes the layer requires, and ``out_init_std``). A field added to
+    the layer is a field of its config; one without any default raises at import."""
+
+    def build(cls: type) -> type:
+        unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(layer)})
+        if unknown:
+            raise TypeError(f"{cls.__name__}: {unknown} are not fields of {layer.__name__}.")
+        cls.layer_class = layer
+        annotations = dict(inspect.get_annotations(cls))
+        for f in dataclasses.fields(layer):
+            if f.name in MODEL_FIELDS:
+                continue
+            if f.name in defaults:
+                default = defaults[f.name]
+            elif f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                raise TypeError(f"{cls.__name__}: {layer.__name__}.{f.name} needs a default.")
+            annotations[f.name] = "float | None" if f.name == "out_init_std" else f.type
+            setattr(cls, f.name, default)
+        cls.__annotations__ = annotations
+        return dataclasses.dataclass(frozen=True)(cls)
+
+    return build
+
+
+@_from_layer(DenseFFN, hidden_dim=paper.DENSE_HIDDEN, out_init_std=None)
 class DenseConfig(_FFNConfig):
-    """:class:`dsc_jax.DenseFFN`: ``hidden_dim`` ``H``. ``out_init_std`` None: the model's."""
+    """:class:`dsc_jax.DenseFFN`: ``hidden_dim`` ``H`` (the paper's 2611), ``init_std``;
+    ``out_init_std`` None: the model's residual std."""
 
     kind: ClassVar[str] = "dense"
-    layer_class: ClassVar[type[nn.Module]] = DenseFFN
-    hidden_dim: int = paper.DENSE_HIDDEN
-    out_init_std: float | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@_from_layer(
+    MoELayer,
+    num_experts=paper.MOE_NUM_EXPERTS,
+    top_k=paper.MOE_TOP_K,
+    hidden_dim=paper.MOE_HIDDEN,
+    out_init_std=None,
+)
 class MoEConfig(_FFNConfig):
     """:class:`dsc_jax.MoELayer`: ``num_experts`` E, ``top_k``, ``hidden_dim`` (each expert),
-    ``dispatch``, ``capacity_factor``, ``tile_size`` (``"sorted"``), ``jitter_std``."""
+    ``dispatch``, ``capacity_factor``, ``tile_size`` (``"sorted"``), ``jitter_std``,
+    ``init_std``; ``out_init_std`` None: the model's residual std."""
 
     kind: ClassVar[str] = "moe"
-    layer_class: ClassVar[type[nn.Module]] = MoELayer
-    num_experts: int = paper.MOE_NUM_EXPERTS
-    top_k: int = paper.MOE_TOP_K
-    hidden_dim: int = paper.MOE_HIDDEN
-    dispatch: str = "auto"
-    capacity_factor: float = moe.DEFAULT_CAPACITY_FACTOR
-    tile_size: int = moe.DEFAULT_TILE_SIZE
-    jitter_std: float = paper.MOE_JITTER_STD
-    out_init_std: float | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@_from_layer(
+    MoLoRALayer,
+    num_experts=paper.MOLORA_NUM_EXPERTS,
+    rank=paper.MOLORA_RANK,
+    top_k=paper.MOLORA_TOP_K,
+    hidden_dim=paper.MOLORA_HIDDEN,
+    out_init_std=None,
+)
 class MoLoRAConfig(_FFNConfig):
     """:class:`dsc_jax.MoLoRALayer`: ``num_experts`` E, ``rank`` r, ``top_k``, ``hidden_dim``
-    (static FFN)."""
+    (static FFN), ``init_std``; ``out_init_std`` None: the model's residual std."""
 
     kind: ClassVar[str] = "molora"
-    layer_class: ClassVar[type[nn.Module]] = MoLoRALayer
-    num_experts: int = paper.MOLORA_NUM_EXPERTS
-    rank: int = paper.MOLORA_RANK
-    top_k: int = paper.MOLORA_TOP_K
-    hidden_dim: int = paper.MOLORA_HIDDEN
-    out_init_std: float | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@_from_layer(
+    DSCLayer,
+    num_bases=paper.DSC_NUM_BASES,
+    top_k=paper.DSC_TOP_K,
+    hidden_dim=paper.DSC_HIDDEN,
+)
 class DSCConfig(_FFNConfig):
     """:class:`dsc_jax.DSCLayer`: ``num_bases`` M, ``top_k`` K, ``hidden_dim`` H (static FFN)
-    and the router/bank options.
+    and the router/bank options, with the layer's defaults.
 
-    ``out_init_std`` defaults to 0.02, spec §1's init of the static FFN's ``W2``; set it to
-    ``None`` to take the model's residual std ``0.02/√(2L)`` like the other kinds.
+    ``out_init_std`` keeps the layer's 0.02, the paper's init of the static FFN's ``W2``
+    (Appendix A.2); set it to ``None`` to take the model's residual std ``0.02/√(2L)`` like
+    the other kinds.
     """
 
     kind: ClassVar[str] = "dsc"
-    layer_class: ClassVar[type[nn.Module]] = DSCLayer
-    num_bases: int = paper.DSC_NUM_BASES
-    top_k: int = paper.DSC_TOP_K
-    hidden_dim: int = paper.DSC_HIDDEN
-    variant: str = "refined"
-    compute: str = "auto"
-    router: str = "flat"
-    product_key_rows: int = 0
-    product_key_aux: str = "marginal"
-    frame_regularizer: bool = True
-    tau: float = paper.TAU
-    eps: float = paper.EPS
-    gamma_init: float = paper.GAMMA_INIT
-    budget_target: float = paper.BUDGET_TARGET
-    bank_radius: float = DEFAULT_BANK_RADIUS
-    bank_init: str = "sphere"
-    out_init_std: float | None = paper.INIT_STD
 
 
 FFNConfig = DenseConfig | MoEConfig | MoLoRAConfig | DSCConfig

@@ -1,4 +1,4 @@
-"""Iso-active parameter solver (spec §6, paper Appendix A.2) plus exact parameter counting.
+"""Iso-active parameter solver (the paper's Appendix A.2) plus exact parameter counting.
 
 Budget accounting (the closed forms the solver matches to the targets; ``d`` model width,
 ``L`` layers, ``V`` vocabulary, ``T`` context)::
@@ -43,8 +43,8 @@ DEFAULT_TOP_K = {
     "dsc": paper.DSC_TOP_K,
     "molora": paper.MOLORA_TOP_K,
 }
-MIN_HIDDEN = paper.SOLVER_MIN_HIDDEN  # spec §6: smallest FFN hidden width the solver accepts
-MAX_MOE_EXPERTS = paper.SOLVER_MAX_MOE_EXPERTS  # spec §6: E = k+1 ... 255
+MIN_HIDDEN = paper.SOLVER_MIN_HIDDEN  # smallest FFN hidden width the solver accepts
+MAX_MOE_EXPERTS = paper.SOLVER_MAX_MOE_EXPERTS  # MoE experts searched: E = k+1 ... 255
 DEFAULT_MOLORA_EXPERTS = paper.MOLORA_NUM_EXPERTS
 #: The FFN fields :func:`solve_iso_active` sizes, per kind (``top_k`` and MoLoRA's
 #: ``num_experts`` are inputs with defaults; the others are solved unless given).
@@ -66,7 +66,7 @@ class IsoActiveSolution:
       config: ready :class:`GPTConfig` whose ``ffn`` is :attr:`ffn`.
       total_params: exact count of the initialised parameter tree.
       active_params: exact per-token count, see :func:`count_params`.
-      budget_total_params, budget_active_params: the spec §6 accounting (module docstring)
+      budget_total_params, budget_active_params: the budget accounting (module docstring)
         that the solver matches to the targets; the paper reports these for ``active``.
       fixed_params: the non-FFN parameters (exact; equal to the §6 ``fixed`` term).
       unfitted: the targets (``"total"``, ``"active"``) that no size was fitted to because
@@ -113,7 +113,7 @@ def fixed_param_count(
 
 
 def budget_ffn_params(cfg: GPTConfig) -> tuple[int, int]:
-    """Per-layer ``(total, active)`` FFN parameters in the spec §6 budget accounting."""
+    """Per-layer ``(total, active)`` FFN parameters in the budget accounting."""
     d, ffn = cfg.d_model, cfg.ffn
     h = ffn.hidden_dim
     if ffn.kind == "dense":
@@ -140,7 +140,7 @@ def _dsc_router_sizes(d: int, ffn: Any) -> tuple[int, int]:
 
 
 def budget_params(cfg: GPTConfig) -> tuple[int, int]:
-    """Whole-model ``(total, active)`` in the spec §6 budget accounting: the fixed
+    """Whole-model ``(total, active)`` in the budget accounting: the fixed
     parameters plus ``L ×`` :func:`budget_ffn_params`."""
     fixed = fixed_param_count(
         cfg.d_model, cfg.num_layers, cfg.vocab_size, cfg.max_seq_len, cfg.tie_embeddings
@@ -227,11 +227,11 @@ def solve_iso_active(
     *,
     total_params: float,
     active_params: float | None = None,
-    d_model: int = 384,
-    num_layers: int = 6,
-    num_heads: int = 6,
-    vocab_size: int = 50304,
-    seq_len: int = 256,
+    d_model: int = paper.D_MODEL,
+    num_layers: int = paper.NUM_LAYERS,
+    num_heads: int = paper.NUM_HEADS,
+    vocab_size: int = paper.VOCAB_SIZE,
+    seq_len: int = paper.SEQ_LEN,
     top_k: int | None = None,
     num_experts: int | None = None,
     num_bases: int | None = None,
@@ -243,7 +243,8 @@ def solve_iso_active(
     config_overrides: Mapping[str, Any] | None = None,
     ffn_overrides: Mapping[str, Any] | None = None,
 ) -> IsoActiveSolution:
-    """Size the FFN of ``kind`` so the model hits ``total_params`` / ``active_params`` (spec §6).
+    """Size the FFN of ``kind`` so the model hits ``total_params`` / ``active_params``
+    (Appendix A.2).
 
     * dense: ``H = ⌊C_tot / 2d⌋`` (``active_params`` is ignored: dense is all-active).
     * moe (``top_k`` default 2): for ``E = k+1 … max_experts``: ``avail = C_act − dE``, skip
@@ -281,7 +282,7 @@ def solve_iso_active(
       top_k, num_experts: see above (MoE: ``num_experts`` given fixes ``E``).
       num_bases, rank, hidden_dim: sizes to keep instead of solving them (see above).
       tie_embeddings: untied adds ``V·d`` to the fixed parameters.
-      min_hidden, max_experts: the spec's 32 and 255.
+      min_hidden, max_experts: 32 and 255 (:data:`MIN_HIDDEN`, :data:`MAX_MOE_EXPERTS`).
       config_overrides: further :class:`GPTConfig` fields (e.g. ``dropout_rate``, ``dtype``);
         they must not name ``ffn`` or the transformer's shape.
       ffn_overrides: further fields of the FFN config that are not sized (e.g. DSC

@@ -11,7 +11,9 @@ light):
 * :mod:`dsc_jax.train.diagnostics` -- routing usage, signal collapse, bank effective rank;
 * :mod:`dsc_jax.train.checkpointing` -- ``Checkpointer`` (orbax, integrity fallback);
 * :mod:`dsc_jax.train.metrics` -- ``MetricsWriter`` (metrics.jsonl, TensorBoard, console);
-* :mod:`dsc_jax.train.config` -- ``base_config``, ``validate_config``;
-* :mod:`dsc_jax.train.presets` -- ``paper_recipe``;
+* :mod:`dsc_jax.train.config` -- ``base_config``, ``set_ffn_kind``, ``validate_config``;
+* :mod:`dsc_jax.train.settings` -- ``unread_settings``, ``resume_changes``;
+* :mod:`dsc_jax.train.presets` -- every named run config (``default``, ``tiny``,
+  ``paper_recipe``, the ``dsc-compare`` study bases);
 * :mod:`dsc_jax.train.trainer` -- ``train_and_evaluate(config, workdir)``.
 """

@@ -1,14 +1,16 @@
 """The training configuration: one commented base, validation before any compute.
 
-Every config file in ``configs/`` starts from :func:`base_config` and overrides fields, so the
-set of known keys lives here. :func:`validate_config` raises a ``ValueError`` naming the key,
-the bad value and what is allowed, for unknown keys at every level and for bad values.
+Every preset (:mod:`dsc_jax.train.presets`, which ``configs/*.py`` return) starts from
+:func:`base_config` and overrides fields, so the set of known keys lives here. The model
+group holds one FFN group, ``model.ffn``: the chosen kind and its config type's fields
+(:func:`ffn_group`, :func:`set_ffn_kind`). :func:`validate_config` raises a ``ValueError``
+naming the key, the bad value and what is allowed, for unknown keys at every level and for
+bad values. Which settings a run reads, and the resume check: :mod:`dsc_jax.train.settings`.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,48 +19,81 @@ import ml_collections
 from dsc_jax import paper
 from dsc_jax._checks import check_choice, check_positive_float, check_positive_int
 from dsc_jax.bank import BANK_PROJECTIONS
-from dsc_jax.data.config import default_data_config, unread_keys, validate_data_config
-from dsc_jax.layers.configs import FFN_CONFIGS, ffn_config
+from dsc_jax.data.config import default_data_config, validate_data_config
+from dsc_jax.layers.configs import FFN_CONFIGS, FFN_KINDS, DSCConfig, FFNConfig, ffn_config
 from dsc_jax.layers.losses import LossWeights
 from dsc_jax.models.gpt import GPTConfig
 from dsc_jax.sharding import MESH_AXES, default_mesh_config, parse_rule_overrides
 from dsc_jax.train.optim import default_optim_config
 
+# The settings a run reads and the resume check live in dsc_jax.train.settings; they are
+# importable from here too (``config_lib.unread_settings``).
+from dsc_jax.train.settings import (
+    RESUME_MUTABLE_KEYS,
+    check_resume_config,
+    is_mutable_on_resume,
+    is_unread,
+    plain_config,
+    read_settings,
+    resume_changes,
+    unread_changes,
+    unread_reason,
+    unread_settings,
+    upgrade_saved,
+)
+
 OWNER = "config"
 
 
-def _ffn_group(kind: str) -> ml_collections.ConfigDict:
-    """The defaults of one FFN kind; ``None`` fields become typed placeholders so that
-    ``--config.model.KIND.FIELD=value`` still works on them."""
-    group = ml_collections.ConfigDict()
-    for name, value in FFN_CONFIGS[kind]().to_dict().items():
+def ffn_group(kind: str, **fields: Any) -> ml_collections.ConfigDict:
+    """The ``model.ffn`` group of one FFN kind: ``kind`` and every field of its config type
+    (:data:`dsc_jax.layers.configs.FFN_CONFIGS`) at its default or as given in ``fields``
+    (validated). ``None`` fields become typed placeholders so that
+    ``--config.model.ffn.FIELD=value`` still works on them.
+
+    Raises:
+      ValueError: an unknown kind or field, or a bad value (naming it).
+    """
+    group = ml_collections.ConfigDict({"kind": kind})
+    for name, value in ffn_config(kind, fields).to_dict().items():
         group[name] = ml_collections.config_dict.placeholder(float) if value is None else value
     return group
 
 
-def default_model_config() -> ml_collections.ConfigDict:
+def set_ffn_kind(
+    config: ml_collections.ConfigDict, kind: str, **fields: Any
+) -> ml_collections.ConfigDict:
+    """Replace ``config.model.ffn`` with the group of ``kind`` (:func:`ffn_group`: its
+    defaults, or ``fields``); returns ``config``. Presets and config files pick the FFN with
+    it; on the command line the config file's ``get_config`` argument does
+    (``--config=configs/tiny.py:moe``)."""
+    group = ffn_group(kind, **fields)
+    with config.model.unlocked():
+        config.model.ffn = group
+    return config
+
+
+def default_model_config(ffn_kind: str = "dsc") -> ml_collections.ConfigDict:
     """The ``model`` group: every :class:`dsc_jax.GPTConfig` field with its default (the
-    paper's DSC model), except ``vocab_size = 0`` (take the data's vocabulary) and
-    ``max_seq_len = 0`` (take ``seq_len``). ``ffn`` names the FFN kind; the sub-groups
-    ``dense``, ``moe``, ``molora`` and ``dsc`` hold each kind's fields (only ``ffn``'s is
-    used): ``--config.model.ffn=moe --config.model.moe.top_k=1``."""
+    paper's model), except ``vocab_size = 0`` (take the data's vocabulary) and
+    ``max_seq_len = 0`` (take ``seq_len``); ``ffn`` is the group of ``ffn_kind`` only
+    (:func:`ffn_group`): ``--config.model.ffn.top_k=1``."""
     fields = GPTConfig().to_dict()
     cfg = ml_collections.ConfigDict({k: v for k, v in fields.items() if k != "ffn"})
     cfg.vocab_size = 0
     cfg.max_seq_len = 0
-    cfg.ffn = fields["ffn"]["kind"]
-    for kind in FFN_CONFIGS:
-        cfg[kind] = _ffn_group(kind)
+    cfg.ffn = ffn_group(ffn_kind)
     return cfg
 
 
 def default_losses_config() -> ml_collections.ConfigDict:
-    """The ``losses`` group: regulariser weights λ (spec §3)."""
+    """The ``losses`` group: regulariser weights λ (the paper's Algorithm 1 losses)."""
     return ml_collections.ConfigDict(LossWeights().as_dict())
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Every known key with its default; defaults follow the paper recipe (spec §7)."""
+def base_config(ffn_kind: str = "dsc") -> ml_collections.ConfigDict:
+    """Every known key with its default, with the FFN group of ``ffn_kind``; defaults
+    follow the paper's training recipe."""
     c = ml_collections.ConfigDict()
     # Run name (free text, written to WORKDIR/config.json; lets result tables address runs).
     c.name = ""
@@ -91,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Router learning rate = this × the base learning rate, at every step (paper: 5; its
     # reference code ran 1×; 5× measured better for DSC, MoE and MoLoRA, see the README).
     c.router_lr_multiplier = paper.ROUTER_LR_MULTIPLIER
-    # DSC bank after each update: "retract" (rows back at norm model.dsc.bank_radius),
+    # DSC bank after each update: "retract" (rows back at norm model.ffn.bank_radius),
     # "tangent" (tangent-space update, then retract) or "none" (rows drift; the reference
     # code's bank). The radius sets how fast the atoms turn (README: the bank's speed).
     c.bank_projection = "retract"
@@ -101,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
     # step 1. Needed when the old run cannot be resumed (unreadable checkpoints, changed
     # settings). One-off: drop it again, or every restart of the job starts over.
     c.start_over = False
-    c.model = default_model_config()  # GPT and FFN hyper-parameters (dsc_jax.gpt.GPTConfig)
+    c.model = default_model_config(ffn_kind)  # GPT and FFN hyper-parameters (dsc_jax.gpt.GPTConfig)
     c.optim = default_optim_config()  # AdamW, schedule, clipping (dsc_jax.train.optim)
     c.data = default_data_config()  # corpus, tokenizer, pipeline (dsc_jax.data.config)
     c.losses = default_losses_config()  # λ of the regularisers (dsc_jax.losses.LossWeights)
@@ -133,12 +168,47 @@ def _check_unit_interval(owner: str, field: str, value: Any) -> None:
 
 def bank_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The train state's bank arguments of a run: ``bank_projection`` and ``bank_radius``
-    (the radius is the DSC layer's ``model.dsc.bank_radius``, one setting for the layer's
-    init and the retraction; unused by models without a bank)."""
+    (the radius is the DSC layer's ``model.ffn.bank_radius``, one setting for the layer's
+    init and the retraction; models without a bank take the layer's default, unused)."""
     return {
         "bank_projection": config.bank_projection,
-        "bank_radius": config.model.dsc.bank_radius,
+        "bank_radius": config.model.ffn.get("bank_radius", DSCConfig.bank_radius),
     }
+
+
+def ffn_kind_of(group: Any) -> str | None:
+    """The FFN kind whose config type has exactly the fields of ``group`` (less ``kind``)."""
+    keys = set(group) - {"kind"}
+    for kind, cls in FFN_CONFIGS.items():
+        if keys == {f.name for f in dataclasses.fields(cls)}:
+            return kind
+    return None
+
+
+def _ffn_of(group: Any) -> FFNConfig:
+    """The FFN config of a ``model.ffn`` group (ValueError naming the bad key or value)."""
+    if not isinstance(group, Mapping):
+        raise ValueError(
+            f"model.ffn={group!r} is invalid; expected the group of one FFN kind, e.g. "
+            "--config=configs/tiny.py:moe or dsc_jax.train.config.set_ffn_kind(config, 'moe')."
+        )
+    fields = dict(group)
+    kind = fields.pop("kind", None)
+    if kind not in FFN_CONFIGS:
+        raise ValueError(f"model.ffn.kind={kind!r} is not allowed; expected one of {FFN_KINDS}.")
+    held = ffn_kind_of(group)
+    if held is not None and held != kind:
+        raise ValueError(
+            f"model.ffn.kind={kind!r} is invalid: model.ffn holds the fields of a {held!r} FFN. "
+            f"Pick the kind when the config is built: --config=FILE:{kind} (configs/*.py take "
+            f"it as their argument) or set_ffn_kind(config, {kind!r})."
+        )
+    try:
+        _check_keys("model.ffn", fields, {f.name for f in dataclasses.fields(FFN_CONFIGS[kind])})
+        return ffn_config(kind, fields)
+    except ValueError as err:
+        text = str(err).removeprefix("model.ffn: ")
+        raise ValueError(f"model.ffn: {text}") from None
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> GPTConfig:
@@ -149,21 +219,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
       ValueError: bad model fields, or an explicit vocabulary smaller than the data's.
     """
     fields = _as_dict(config.model)
-    kind = fields.get("ffn")
-    if kind not in FFN_CONFIGS:
-        raise ValueError(
-            f"model.ffn={kind!r} is not allowed; expected one of {tuple(FFN_CONFIGS)}."
-        )
-    for group in FFN_CONFIGS:
-        group_fields = fields.pop(group, None)
-        if group_fields is None:
-            raise ValueError(f"model: missing key(s) [{group!r}]; start from base_config().")
-        try:  # every group is validated, the one named by model.ffn is used
-            group_config = ffn_config(group, group_fields)
-        except ValueError as err:
-            raise ValueError(f"model.{group}: {err}") from None
-        if group == kind:
-            fields["ffn"] = group_config
+    fields["ffn"] = _ffn_of(fields.get("ffn"))
     data_vocab = vocab_size or 256
     if fields.get("vocab_size") == 0:
         fields["vocab_size"] = data_vocab
@@ -189,7 +245,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
 def run_record(config: ml_collections.ConfigDict, vocab_size: int | None) -> dict[str, Any]:
     """What the trainer writes to ``WORKDIR/config.json``: ``config`` as given and ``model``,
     the :class:`GPTConfig` it builds (:func:`model_config`: vocabulary and context resolved,
-    the ``model.<model.ffn>`` group as the FFN)."""
+    the ``model.ffn`` group as the FFN)."""
     return {"config": config.to_dict(), "model": model_config(config, vocab_size).to_dict()}
 
 
@@ -285,192 +341,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _validate_mesh(config.mesh)
 
 
-def unread_settings(config: Any) -> dict[str, str]:
-    """The settings of a (valid) config that its run does not read, as ``{key: reason}``.
-
-    A key is a dotted leaf (``"bank_projection"``) or a whole group (``"model.moe"``: every
-    key under it). Most follow from the FFN kind: only the ``model.<model.ffn>`` group is
-    built; ``bank_projection`` and the ``budget``/``frame`` regularisers act on DSC layers only
-    (``losses.frame`` also needs ``model.dsc.frame_regularizer``); a dense FFN has no router
-    (``router_lr_multiplier``, ``losses.aux``, ``losses.z``). The data keys are
-    :func:`dsc_jax.data.config.unread_keys` (``data.paths`` unless the source is
-    ``text_files``, ...). Their values cannot change what the run computes, so:
-
-    * :func:`read_settings` (a finished run's fingerprint) and :func:`resume_changes` (resume,
-      reuse of a finished run) leave them out: a MoE run is the same run whatever its unused
-      ``model.dsc`` group holds, also a group written by older code with fields since renamed;
-    * ``dsc-train`` refuses them as ``--config.KEY=VALUE`` overrides and ``dsc-compare`` as
-      ``--set`` (a setting given there is meant to take effect); a config file may hold them
-      (e.g. ``configs/tiny.py`` with ``--config.model.ffn=moe`` keeps its ``model.dsc``
-      sizes), and the trainer logs those that differ from the defaults
-      (:func:`unread_changes`). Refusing config-file values instead would break that use and
-      the resumption of runs saved with such files.
-    """
-    plain = plain_config(config)
-    model, out = plain["model"], {}
-    kind = model.get("ffn")
-    if kind in FFN_CONFIGS:
-        for other in FFN_CONFIGS:
-            if other != kind:
-                out[f"model.{other}"] = f"model.ffn={kind!r} builds model.{kind} only"
-        if kind != "dsc":
-            reason = f"it acts on DSC layers only (model.ffn={kind!r})"
-            for key in ("bank_projection", "losses.budget", "losses.frame"):
-                out[key] = reason
-        elif not model["dsc"].get("frame_regularizer", True):
-            out["losses.frame"] = "model.dsc.frame_regularizer=False: no frame loss"
-        if kind == "dense":
-            reason = "a dense FFN has no router (model.ffn='dense')"
-            for key in ("router_lr_multiplier", "losses.aux", "losses.z"):
-                out[key] = reason
-    out.update({f"data.{key}": reason for key, reason in unread_keys(plain["data"]).items()})
-    return out
-
-
-def unread_reason(key: str, unread: Mapping[str, str]) -> str | None:
-    """Why the dotted ``key`` is not read, when it is (under) one of the ``unread`` keys
-    (:func:`unread_settings`); else ``None``."""
-    for prefix, reason in unread.items():
-        if key == prefix or key.startswith(prefix + "."):
-            return reason
-    return None
-
-
-def is_unread(key: str, unread: Mapping[str, str]) -> bool:
-    """Whether the dotted ``key`` is (under) one of the :func:`unread_settings` keys."""
-    return unread_reason(key, unread) is not None
-
-
-def read_settings(config: Any) -> dict[str, Any]:
-    """``config`` as JSON types without its :func:`unread_settings`: what the run reads."""
-    unread = unread_settings(config)
-
-    def keep(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
-        out = {}
-        for key, value in tree.items():
-            path = prefix + key
-            if is_unread(path, unread):
-                continue
-            out[key] = keep(value, path + ".") if isinstance(value, dict) and value else value
-        return out
-
-    return keep(plain_config(config), "")
-
-
-def unread_changes(config: Any) -> list[tuple[str, Any, str]]:
-    """``(key, value, reason)`` for every leaf that differs from :func:`base_config` and is
-    not read by the run (:func:`unread_settings`), keys sorted."""
-    unread = unread_settings(config)
-    values, defaults = _flatten(plain_config(config)), _flatten(plain_config(base_config()))
-    out = []
-    for key, value in sorted(values.items()):
-        reason = unread_reason(key, unread)
-        if reason is not None and defaults.get(key, _ABSENT) != value:
-            out.append((key, value, reason))
-    return out
-
-
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
     """Sequences per validation batch (``eval_batch_size``, or the micro-batch size if 0)."""
     return config.eval_batch_size or config.batch_size // config.micro_batches
 
 
-# Settings that may differ between a run and its resumption (dotted key paths, fnmatch
-# patterns: ``*`` also matches dots, so ``model.*compute`` survives nesting the model
-# section). Everything else must equal the saved config.json: a new key is refused by default.
-RESUME_MUTABLE_KEYS: tuple[str, ...] = (
-    "name",  # free text
-    "num_train_steps",  # extend (or shorten) the run
-    "log_every_steps",  # cadences: when things are written, not what is computed
-    "eval_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "async_checkpointing",
-    "compilation_cache_dir",  # where compiled programs are cached
-    "start_over",  # the one-off "set the old run aside" switch
-    "mesh.shape",  # checkpoints restore onto any mesh
-    "mesh.logical_axis_rules",  # and any sharding of the same arrays
-    "data.cache_dir",  # where the same tokens, datasets and files are found
-    "data.tfds_data_dir",
-    "data.wikitext_dir",
-    "data.wikitext_download",
-    "data.gpt2_bpe_dir",
-    "model.*compute",  # DSC kernel choice (same function, another algorithm)
-)
-_ABSENT = "<absent>"
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def plain_config(config: Any) -> dict[str, Any]:
-    """``config`` as JSON types (what ``config.json`` stores): tuples become lists."""
-    return json.loads(json.dumps(_as_dict(config)))
-
-
-def is_mutable_on_resume(key: str) -> bool:
-    """Whether the dotted config key may change when a run is resumed."""
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUME_MUTABLE_KEYS)
-
-
-def resume_changes(
-    saved: dict[str, Any], config: Any
-) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
-    """Differences between a saved config (``config.json``) and ``config``.
-
-    A key the saved config lacks (added to the code since) counts as unchanged when the new
-    value is :func:`base_config`'s default. Settings the run does not read
-    (:func:`unread_settings` of ``config``, e.g. the ``model.dsc`` group of a MoE run) are
-    not compared: they may differ, or exist on one side only.
-
-    Returns:
-      ``(allowed, refused)``: ``(key, old, new)`` triples, keys sorted.
-    """
-    old, new = _flatten(saved), _flatten(plain_config(config))
-    defaults = _flatten(plain_config(base_config()))
-    unread = unread_settings(config)
-    allowed, refused = [], []
-    for key in sorted(set(old) | set(new)):
-        if is_unread(key, unread):
-            continue
-        before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
-        if before == after or (before is _ABSENT and defaults.get(key, _ABSENT) == after):
-            continue
-        (allowed if is_mutable_on_resume(key) else refused).append((key, before, after))
-    return allowed, refused
-
-
-def check_resume_config(
-    saved: dict[str, Any], config: Any, workdir: str, source: str = "its config.json"
-) -> list[str]:
-    """Refuse a resumption whose settings change the meaning of the run.
-
-    Args:
-      saved: the settings the run was trained with.
-      config: the settings of this start.
-      workdir: the run folder (for the message).
-      source: where ``saved`` comes from, for the message (``"its checkpoint 8"``).
-
-    Returns:
-      One ``"key: old -> new"`` line per allowed change (for the log).
-
-    Raises:
-      ValueError: listing every refused ``key: old -> new`` and what to do instead.
-    """
-    allowed, refused = resume_changes(saved, config)
-    if refused:
-        diff = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in refused)
-        raise ValueError(
-            f"cannot resume the run in {workdir}: these settings differ from {source} "
-            f"(saved -> now):\n{diff}\nUse the saved values, another --workdir, or "
-            "--config.start_over=True to set the old run aside and start from step 1."
-        )
-    return [f"{key}: {old!r} -> {new!r}" for key, old, new in allowed]
+__all__ = [
+    "GROUPS",
+    "RESUME_MUTABLE_KEYS",
+    "bank_settings",
+    "base_config",
+    "check_resume_config",
+    "default_losses_config",
+    "default_model_config",
+    "eval_batch_size",
+    "ffn_group",
+    "ffn_kind_of",
+    "is_mutable_on_resume",
+    "is_unread",
+    "model_config",
+    "plain_config",
+    "read_settings",
+    "resume_changes",
+    "run_record",
+    "set_ffn_kind",
+    "unread_changes",
+    "unread_reason",
+    "unread_settings",
+    "upgrade_saved",
+    "validate_config",
+]
