@@ -278,13 +278,15 @@ class Checkpointer:
     def close(self) -> None:
         """Finish pending saves and release the manager (the manager is released even when
         the last save failed; the failure is then raised as :class:`CheckpointWriteError`)."""
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._close_manager)
             self.wait_until_finished()
-        finally:
-            try:
-                self.manager.close()
-            except Exception:  # already reported by wait_until_finished
-                release_blocked_orbax_threads()
+
+    def _close_manager(self) -> None:
+        try:
+            self.manager.close()
+        except Exception:  # a failed save: already reported by wait_until_finished
+            release_blocked_orbax_threads()
 
     def _restore_step(self, step: int, abstract_tree: Any) -> Restored:
         try:
