@@ -15,20 +15,21 @@ the current start-up phase ends, during training after saving a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-import threading
-import time
 import traceback
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dsc_jax._compat import ignore_unawaited_coroutines
 from dsc_jax._logging import QuietLibraries
+from dsc_jax.console import TRAIN_INTERRUPT
+from dsc_jax.train.preemption import Interrupted, StopFlag, exit_on_stop_signals, exit_soon
 
 FLAGS = flags.FLAGS
 
@@ -132,53 +133,17 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (e.g. --workdir=runs/default).")
     # Imported here so that `--help` and flag errors need no JAX start-up.
-    from dsc_jax._storage import StorageError, error_line
+    from dsc_jax._compat import quiet_closed_event_loop_errors
     from dsc_jax.sharding import initialize_distributed
-    from dsc_jax.train.checkpointing import (
-        CheckpointWriteError,
-        UnreadableCheckpointsError,
-        quiet_closed_event_loop_errors,
-    )
-    from dsc_jax.train.trainer import (
-        DataSetupError,
-        Interrupted,
-        NonFiniteLossError,
-        StopFlag,
-        train_and_evaluate,
-    )
-    from dsc_jax.train.workdir import WorkdirError
+    from dsc_jax.train.trainer import train_and_evaluate
 
-    user_errors = (
-        ValueError,  # bad config, changed settings on resume, incompatible checkpoint
-        ImportError,  # optional dependency
-        DataSetupError,
-        NonFiniteLossError,
-        WorkdirError,  # locked by another run, not writable, an earlier run's record
-        StorageError,  # any file the run writes: disk full, read-only mount, quota
-        UnreadableCheckpointsError,
-        CheckpointWriteError,  # disk full, read-only mount, quota
-    )
     quiet_closed_event_loop_errors()
-    try:
-        with StopFlag(interrupt=True) as early:  # until the trainer's own takes over
-            config = load_config()
-            # Before any JAX computation: multi-process runtime (auto-detected or from flags).
-            initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-            early.check()
-            result = train_and_evaluate(config, FLAGS.workdir)
-    except user_errors as err:
-        _fail(str(err))
-    except OSError as err:  # a storage error no layer named: still one line
-        _fail(error_line(err))
-    except Interrupted as err:
-        _exit_soon(err.exit_status)
-        print(
-            f"dsc-train: {err.signal_name} received before training started: stopped, nothing "
-            "was trained (run the same command to start again).",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(err.exit_status)
+    with _one_line_errors(), StopFlag(interrupt=True) as early:  # until the trainer's own
+        config = load_config()
+        # Before any JAX computation: multi-process runtime (auto-detected or from flags).
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        early.check()
+        result = train_and_evaluate(config, FLAGS.workdir)
     logging.info("%s at step %d", result["status"], result["step"])
     if result.get("signal") == "SIGINT":  # Ctrl-C: saved, then the shell's status for it
         print(
@@ -190,23 +155,53 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(128 + signal.SIGINT)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's to fix: one line, exit status 1."""
+    from dsc_jax._storage import StorageError
+    from dsc_jax.train.checkpointing import CheckpointWriteError, UnreadableCheckpointsError
+    from dsc_jax.train.numerics import NonFiniteLossError
+    from dsc_jax.train.run import DataSetupError
+    from dsc_jax.train.workdir import WorkdirError
+
+    return (
+        ValueError,  # bad config, changed settings on resume, incompatible checkpoint
+        ImportError,  # optional dependency
+        DataSetupError,
+        NonFiniteLossError,
+        WorkdirError,  # locked by another run, not writable, an earlier run's record
+        StorageError,  # any file the run writes: disk full, read-only mount, quota
+        UnreadableCheckpointsError,
+        CheckpointWriteError,  # disk full, read-only mount, quota
+    )
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Every error the user can act on, and a start-up signal, as one line and an exit."""
+    from dsc_jax._storage import error_line
+
+    try:
+        yield
+    except _user_errors() as err:
+        _fail(str(err))
+    except OSError as err:  # a storage error no layer named: still one line
+        _fail(error_line(err))
+    except Interrupted as err:
+        exit_soon(err.exit_status)
+        print(
+            f"dsc-train: {err.signal_name} received before training started: stopped, nothing "
+            "was trained (run the same command to start again).",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(err.exit_status)
+
+
 def _fail(message: str) -> None:
     """One clear message and exit status 1; the traceback only with --verbosity=1."""
     logging.debug("traceback of the error below", exc_info=True)
-    _exit_soon(1)
+    exit_soon(1)
     sys.exit(f"dsc-train: error: {message}\n(run with --verbosity=1 for the traceback)")
-
-
-def _exit_soon(status: int, grace_s: float = 10.0) -> None:
-    """Make sure the process ends ``grace_s`` after a fatal error even if a non-daemon library
-    thread (e.g. one of a failed asynchronous checkpoint save) never finishes."""
-
-    def watchdog() -> None:
-        time.sleep(grace_s)
-        sys.stderr.flush()
-        os._exit(status)
-
-    threading.Thread(target=watchdog, name="dsc-exit-watchdog", daemon=True).start()
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
@@ -265,23 +260,21 @@ def config_file_error(err: BaseException, argv: Sequence[str]) -> str | None:
 
 
 def block_stop_signals() -> None:
-    """Hold SIGINT/SIGTERM until the trainer's handler takes them (it unblocks them): a
-    Ctrl-C while JAX and its extensions are imported would otherwise interrupt an import
-    (a traceback, an abort, or a KeyboardInterrupt swallowed by the import machinery and
-    lost). ``train.py`` does the same before its first import."""
+    """Hold SIGINT/SIGTERM until :func:`run` takes them (``train.py`` calls it before its
+    first import; :func:`run` unblocks them and answers a held signal at once)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def run() -> None:
-    """Console-script entry point (``dsc-train``)."""
-    block_stop_signals()
-    define_flags()
-    # Left behind by orbax when a background save fails and its threads are released.
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(QuietLibraries())
-    try:
-        app.run(main, flags_parser=parse_flags)
-    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed
-        print("\ndsc-train: interrupted (SIGINT) during start-up.", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGINT)
+    """Console-script entry point (``dsc-train``; :func:`dsc_jax.console.train` installs the
+    same Ctrl-C handling before this module is imported)."""
+    with exit_on_stop_signals(TRAIN_INTERRUPT):  # until the trainer's StopFlag takes over
+        define_flags()
+        ignore_unawaited_coroutines()  # left behind by orbax when a background save fails
+        logging.set_verbosity(logging.INFO)
+        logging.get_absl_handler().addFilter(QuietLibraries())
+        try:
+            app.run(main, flags_parser=parse_flags)
+        except KeyboardInterrupt:  # a library put Python's default handler back
+            print(TRAIN_INTERRUPT.format(signal="SIGINT"), file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGINT)

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsc_jax._compat import closed_event_loop_errors_quieted
 from dsc_jax.data.tokenizers import Tokenizer, build_tokenizer
 from dsc_jax.models.gpt import GPT, GPTConfig
 from dsc_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
@@ -185,7 +186,7 @@ def load_model(
             raise RunNotFoundError(f"workdir {workdir} has no checkpoint {step}; it has {steps}.")
         steps = [step]
     # orbax only when restoring: ``import dsc_jax`` stays light
-    from dsc_jax.train.checkpointing import closed_event_loop_errors_quieted, short_error
+    from dsc_jax.train.checkpointing import short_error
 
     target = abstract_params(config, sharding)
     errors = []

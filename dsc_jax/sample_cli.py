@@ -14,13 +14,14 @@ warning line.
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 
 from dsc_jax._logging import QuietLibraries
+from dsc_jax.console import SAMPLE_INTERRUPT
+from dsc_jax.train.preemption import exit_on_stop_signals
 
 FLAGS = flags.FLAGS
 
@@ -111,8 +112,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (a run folder written by train.py).")
+    from dsc_jax._compat import quiet_closed_event_loop_errors
     from dsc_jax._storage import StorageError, error_line
-    from dsc_jax.train.checkpointing import quiet_closed_event_loop_errors
 
     quiet_closed_event_loop_errors()  # TensorStore noise after a failed checkpoint read
     try:
@@ -138,10 +139,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (``dsc-sample``)."""
-    define_flags()
-    logging.get_absl_handler().addFilter(QuietLibraries())
-    try:
+    with exit_on_stop_signals(SAMPLE_INTERRUPT):  # sampling writes nothing: stop at once
+        define_flags()
+        logging.get_absl_handler().addFilter(QuietLibraries())
         app.run(main)
-    except KeyboardInterrupt:
-        print("\ndsc-sample: interrupted (SIGINT).", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGINT)

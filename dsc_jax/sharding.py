@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from dsc_jax._compat import cluster_detected
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 _LOGGED_FALLBACKS: set[tuple[Any, ...]] = set()
-_CLUSTER_ENV_VARS = ("SLURM_STEP_NODELIST", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES")
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
@@ -330,32 +330,88 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split: the product of the ``("data", "fsdp")`` axes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch_size(rows: int, mesh: Mesh, what: str = "global batch") -> None:
+    """Refuse a global batch of ``rows`` rows that does not split evenly over the batch
+    axes of ``mesh`` and over the processes (each process feeds its own rows).
+
+    Raises:
+      ValueError: naming ``what``, the value and the multiple it must be.
+    """
+    shards, nproc = batch_shards(mesh), jax.process_count()
+    if rows % shards or rows % nproc:
+        raise ValueError(
+            f"{what}={rows} is not divisible by data*fsdp={shards} and by the process count "
+            f"{nproc} (mesh {dict(mesh.shape)}); use a multiple of {math.lcm(shards, nproc)}."
+        )
+
+
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     """Global batch ``jax.Array``\\ s from each process's own rows (a tree of numpy arrays).
 
     Process ``p`` passes rows ``[p·B/P, (p+1)·B/P)`` of the global batch ``B``.
     """
     nproc = jax.process_count()
-    batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if batch_shards % nproc:
+    if batch_shards(mesh) % nproc:
         raise ValueError(
-            f"mesh {dict(mesh.shape)}: data*fsdp = {batch_shards} must be a multiple of "
+            f"mesh {dict(mesh.shape)}: data*fsdp = {batch_shards(mesh)} must be a multiple of "
             f"the process count {nproc} so that each process feeds its own batch rows"
         )
 
     def one(x: Any) -> jax.Array:
         x = np.asarray(x)
         global_rows = x.shape[0] * nproc
-        if global_rows % batch_shards:
-            raise ValueError(
-                f"global batch {global_rows} is not divisible by data*fsdp = {batch_shards} "
-                f"(mesh {dict(mesh.shape)})"
-            )
+        check_batch_size(global_rows, mesh)
         return jax.make_array_from_process_local_data(
             batch_sharding(mesh, x.ndim), x, (global_rows, *x.shape[1:])
         )
 
     return jax.tree.map(one, local_batch)
+
+
+def abstract_sharded(
+    init_fn: Callable[..., Any],
+    mesh: Mesh,
+    rules: Rules | Mapping[str, MeshAxes] = LOGICAL_AXIS_RULES,
+    *,
+    args: Sequence[Any] = (),
+) -> tuple[Any, Any]:
+    """Shapes and shardings of what ``init_fn(*args)`` creates, without computing it.
+
+    ``jax.eval_shape`` gives the abstract tree with its ``nn.Partitioned`` boxes; their
+    logical names become shardings (:func:`logical_to_shardings`, with the divisibility
+    fallback). ``init_fn`` may return params, a train state or optimiser state built from
+    boxed params (optax keeps the boxes).
+
+    Returns:
+      ``(abstract, shardings)``: the unboxed tree of ``jax.ShapeDtypeStruct`` leaves that
+      carry their sharding (a restore target), and the matching tree of ``NamedSharding``
+      (for ``jit`` in/out shardings).
+    """
+    boxed = jax.eval_shape(init_fn, *args)
+    shardings = logical_to_shardings(boxed, mesh, normalize_rules(rules))
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        nn.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings
+
+
+def init_sharded(init_fn: Callable[..., Any], shardings: Any, *, args: Sequence[Any] = ()) -> Any:
+    """``init_fn(*args)`` unboxed and materialised directly in ``shardings`` (a jitted init
+    with ``out_shardings``: each device computes its own shards only)."""
+
+    def unboxed_init(*a: Any) -> Any:
+        return nn.unbox(init_fn(*a))
+
+    # No mesh/rules context: the out_shardings place every leaf, and Flax would otherwise
+    # apply logical constraints while unboxing inside init (DenseGeneral's fail there).
+    return jax.jit(unboxed_init, out_shardings=shardings)(*args)
 
 
 def create_sharded(
@@ -365,40 +421,14 @@ def create_sharded(
     *,
     args: Sequence[Any] = (),
 ) -> tuple[Any, Any]:
-    """Create a (boxed) tree directly in its sharded layout.
-
-    ``jax.eval_shape(init_fn, *args)`` gives the abstract tree with its ``nn.Partitioned``
-    boxes; their logical names become shardings (:func:`logical_to_shardings`, with the
-    divisibility fallback); then ``jax.jit(init_fn, out_shardings=...)`` materialises
-    every leaf on its shard only, unboxed. ``init_fn`` may return params, a train
-    state or optimiser state built from boxed params (optax keeps the boxes).
+    """Create a (boxed) tree directly in its sharded layout: :func:`abstract_sharded` then
+    :func:`init_sharded`.
 
     Returns:
       ``(tree, shardings)``: the unboxed tree and the matching tree of ``NamedSharding``.
     """
-    rules = normalize_rules(rules)
-
-    def unboxed_init(*a: Any) -> Any:
-        return nn.unbox(init_fn(*a))
-
-    # No mesh/rules context: the out_shardings place every leaf, and Flax would otherwise
-    # apply logical constraints while unboxing inside init (DenseGeneral's fail there).
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_to_shardings(abstract, mesh, rules)
-    tree = jax.jit(unboxed_init, out_shardings=shardings)(*args)
-    return tree, shardings
-
-
-def _cluster_detected() -> bool:
-    """Whether JAX's automatic cluster detection (TPU, Slurm, Open MPI, ...) applies."""
-    try:  # private, but the exact logic jax.distributed.initialize() uses
-        from jax._src.clusters import ClusterEnv
-
-        return any(
-            not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types
-        )
-    except Exception:  # API moved: fall back to well-known environment variables
-        return any(k in os.environ for k in _CLUSTER_ENV_VARS)
+    _, shardings = abstract_sharded(init_fn, mesh, rules, args=args)
+    return init_sharded(init_fn, shardings, args=args), shardings
 
 
 def initialize_distributed(
@@ -421,7 +451,7 @@ def initialize_distributed(
         return True
     explicit = (coordinator_address, num_processes, process_id)
     if all(a is None for a in explicit):
-        if not _cluster_detected():
+        if not cluster_detected():
             return False
     elif num_processes == 1 and coordinator_address is None:
         return False

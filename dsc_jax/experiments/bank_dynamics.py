@@ -17,7 +17,7 @@ variants (:func:`dsc_jax.experiments.runner.ablation_variants`):
   re-projected (``bank_projection="none"``; the norms drift, mostly growing);
 * ``dsc_r0.02``: the new default, rows retracted to norm 0.02.
 
-Training uses the library's pieces (:func:`dsc_jax.train.trainer.build_run` for data, model
+Training uses the library's pieces (:func:`dsc_jax.train.run.build_run` for data, model
 and optimiser, :class:`dsc_jax.train.state.TrainState` with the run's bank projection,
 :func:`dsc_jax.train.steps.train_step`, the trainer's evaluator) in a plain single-process
 loop without checkpoints. The only addition is a pass-through optax stage chained after the
@@ -89,10 +89,11 @@ from dsc_jax.experiments.bank_stats import (
 )
 from dsc_jax.experiments.presets import STUDIES
 from dsc_jax.layers.losses import LossWeights
-from dsc_jax.sharding import shard_batch
+from dsc_jax.sharding import batch_sharding, shard_batch
 from dsc_jax.train import config as config_lib
+from dsc_jax.train import evaluation, numerics
+from dsc_jax.train import run as run_lib
 from dsc_jax.train import steps as steps_lib
-from dsc_jax.train import trainer
 from dsc_jax.train.state import TrainState, abstract_train_state, init_train_state
 
 #: The ``bank`` ablation variants compared here: old default, reference code, new default.
@@ -129,7 +130,7 @@ def train_and_measure(
 ) -> dict[str, Any]:
     """Train ``config`` for ``config.num_train_steps`` steps and record the series of the
     module docstring."""
-    run = trainer.build_run(config, workdir=os.devnull)  # writes nothing
+    run = run_lib.build_run(config, workdir=os.devnull)  # writes nothing
     bank = config_lib.bank_settings(config)
     tx = optax.chain(run.tx, keep_last_update())  # one object: jit metadata of the state
     _, shardings = abstract_train_state(run.model, tx, run.init_rng, run.example, run.mesh, **bank)
@@ -155,12 +156,12 @@ def train_and_measure(
 
     step = jax.jit(
         step_fn,
-        in_shardings=(shardings, trainer.shard_batch_spec(run.mesh), replicated),
+        in_shardings=(shardings, batch_sharding(run.mesh), replicated),
         out_shardings=(shardings, replicated, replicated),
         donate_argnums=0,
     )
     get_banks = jax.jit(bank_leaves, in_shardings=(shardings.params,), out_shardings=replicated)
-    evaluate = trainer._make_evaluator(config, run.bundle, run.model, run.mesh, shardings.params)
+    evaluate = evaluation.make_evaluator(config, run.bundle, run.model, run.mesh, shardings.params)
 
     total = config.num_train_steps
     lrs = [float(x) for x in np.asarray(run.schedule(jnp.arange(total)))]
@@ -185,7 +186,7 @@ def train_and_measure(
         state, metrics, stats = step(state, batch, rng)
         stats, loss = jax.device_get((stats, metrics["train_loss"]))
         if not np.isfinite(loss):
-            raise trainer.NonFiniteLossError(f"{name}: training loss is {loss} at step {s}")
+            raise numerics.NonFiniteLossError(f"{name}: training loss is {loss} at step {s}")
         losses.append(float(loss))
         for leaf, values in stats.items():
             for stat, value in values.items():

@@ -65,6 +65,7 @@ from dsc_jax.experiments.workdirs import (
 from dsc_jax.layers.configs import FFN_CONFIGS
 from dsc_jax.models.solver import SIZED_FIELDS
 from dsc_jax.train import config as config_lib
+from dsc_jax.train.metrics import format_duration
 
 __all__ = [  # the sweep, and the names of its parts that callers import from here
     "ABLATIONS",
@@ -272,11 +273,6 @@ def describe(run: Run) -> str:
     return line
 
 
-def _fmt_time(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
 def execute(runs: Sequence[Run], log=print) -> dict[str, int]:
     """Train every run not finished yet; a progress line after each. Stops at an
     interrupted run (SIGINT/SIGTERM: the trainer saved a checkpoint; rerun to resume).
@@ -328,7 +324,7 @@ def _execute(runs: Sequence[Run], log) -> dict[str, int]:
         log(
             f"[dsc-compare] progress {i + 1}/{len(runs)} runs done "
             f"({counts['trained']} trained, {counts['skipped']} skipped) | elapsed "
-            f"{_fmt_time(time.time() - start)} | ETA {_fmt_time(eta)}"
+            f"{format_duration(time.time() - start)} | ETA {format_duration(eta)}"
         )
     return counts
 

@@ -45,10 +45,7 @@ import json
 import logging
 import os
 import shutil
-import sys
-import threading
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +54,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from dsc_jax._compat import (
+    background_save_failed,
+    closed_event_loop_errors_quieted,
+    release_blocked_orbax_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,69 +94,6 @@ def short_error(err: BaseException, limit: int = 200) -> str:
 
 def _data_fingerprint(data_state: Any) -> str:
     return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
-
-
-def _release_blocked_orbax_threads() -> None:
-    """Unblock orbax's ``_SignalingThread`` helpers that still wait for the signals of a
-    failed save (non-daemon threads: they would keep the process from exiting for the
-    length of orbax's async timeout). Private orbax API; a no-op if it changes."""
-    try:
-        from orbax.checkpoint._src.futures import future as orbax_future
-
-        thread_type = orbax_future._SignalingThread
-        set_signals = orbax_future.set_signals
-    except (ImportError, AttributeError):  # pragma: no cover - another orbax version
-        return
-    # The released threads' coroutines are never awaited: Python would warn about each one
-    # when it is garbage-collected (noise after an error that is already reported).
-    warnings.filterwarnings(
-        "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
-    )
-    for thread in threading.enumerate():
-        if isinstance(thread, thread_type) and thread.is_alive():
-            try:
-                thread.cancel()
-                set_signals(thread._receive_signals, operation_id=thread._operation_id)
-            except Exception:  # pragma: no cover - best effort
-                logger.debug("could not release %s", thread.name, exc_info=True)
-
-
-def _is_closed_loop_noise(exc: BaseException | None) -> bool:
-    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
-
-
-def _quiet_closed_loop_hook(unraisable: Any) -> None:
-    """Drop the "Event loop is closed" noise TensorStore callbacks leave behind after a failed
-    read or write (orbax closes its event loop first); everything else goes to the default."""
-    if _is_closed_loop_noise(unraisable.exc_value):
-        return
-    sys.__unraisablehook__(unraisable)
-
-
-def quiet_closed_event_loop_errors() -> None:
-    """Process-wide (the CLI calls it): drop TensorStore's "Event loop is closed" callback
-    errors, printed through ``sys.excepthook`` or ``sys.unraisablehook`` from its own threads
-    after a failed checkpoint read or write. Other errors are printed as before."""
-    previous_excepthook = sys.excepthook
-
-    def excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
-        if not _is_closed_loop_noise(exc):
-            previous_excepthook(exc_type, exc, tb)
-
-    sys.excepthook = excepthook
-    sys.unraisablehook = _quiet_closed_loop_hook
-
-
-@contextlib.contextmanager
-def closed_event_loop_errors_quieted() -> Iterator[None]:
-    """:func:`quiet_closed_event_loop_errors` for the duration of a block (checkpoint reads
-    that may fail), then the previous hooks again."""
-    previous = sys.excepthook, sys.unraisablehook
-    quiet_closed_event_loop_errors()
-    try:
-        yield
-    finally:
-        sys.excepthook, sys.unraisablehook = previous
 
 
 @dataclasses.dataclass
@@ -303,10 +243,10 @@ class Checkpointer:
         try:
             yield
         except CheckpointWriteError:
-            _release_blocked_orbax_threads()
+            release_blocked_orbax_threads()
             raise
         except Exception as err:
-            _release_blocked_orbax_threads()
+            release_blocked_orbax_threads()
             what = f"checkpoint {step}" if step is not None else "a checkpoint"
             raise CheckpointWriteError(
                 f"could not write {what} to {self.directory} ({short_error(err)}); the last "
@@ -327,19 +267,8 @@ class Checkpointer:
         a flag of orbax's finalize thread; waits only when that thread has already failed)."""
         with self._write_errors(None):
             self.manager.check_for_errors()
-            if self._background_save_failed():
+            if background_save_failed(self.manager):
                 self.manager.wait_until_finished()  # re-raises the thread's exception
-
-    def _background_save_failed(self) -> bool:
-        try:  # private orbax state (CheckpointManager._finalize_thread); False if it changes
-            thread = self.manager._finalize_thread.get()
-        except Exception:  # pragma: no cover - another orbax version
-            return False
-        return (
-            thread is not None
-            and not thread.is_alive()
-            and getattr(thread, "exception", None) is not None
-        )
 
     def wait_until_finished(self) -> None:
         """Block until every pending background save is on disk."""
@@ -349,13 +278,15 @@ class Checkpointer:
     def close(self) -> None:
         """Finish pending saves and release the manager (the manager is released even when
         the last save failed; the failure is then raised as :class:`CheckpointWriteError`)."""
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._close_manager)
             self.wait_until_finished()
-        finally:
-            try:
-                self.manager.close()
-            except Exception:  # already reported by wait_until_finished
-                _release_blocked_orbax_threads()
+
+    def _close_manager(self) -> None:
+        try:
+            self.manager.close()
+        except Exception:  # a failed save: already reported by wait_until_finished
+            release_blocked_orbax_threads()
 
     def _restore_step(self, step: int, abstract_tree: Any) -> Restored:
         try:

@@ -30,7 +30,8 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``"1h05m"``, ``"3m07s"``, ``"42s"``: a duration rounded to the second, for logs."""
     seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -65,7 +66,7 @@ def console_line(step: int, total_steps: int, record: Mapping[str, Any]) -> str:
     step_time = record.get("step_time")
     if step_time is not None:
         parts.append(f"{step_time * 1e3:.0f} ms/step")
-        parts.append(f"ETA {_format_duration((total_steps - step) * step_time)}")
+        parts.append(f"ETA {format_duration((total_steps - step) * step_time)}")
     add("eval_loss", "eval_loss", ".4f")
     add("eval_ppl", "eval_ppl", ".2f")
     return " | ".join(parts)
@@ -230,3 +231,37 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
                 except json.JSONDecodeError:
                     continue
     return records
+
+
+class StepTimer:
+    """Step time and throughput over the steps since the last log or save; the first step of
+    a run (compilation) is excluded."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.start: float | None = None
+        self.steps = 0
+
+    def stepped(self, metrics: Any) -> None:
+        """Count one step (the first one: wait for its ``metrics``, then start the clock)."""
+        if self.start is None:  # first step of this run: wait for it, then start timing
+            import jax  # only here: reading metrics files needs no JAX
+
+            jax.block_until_ready(metrics)
+            self.restart()
+        else:
+            self.steps += 1
+
+    def restart(self) -> None:
+        """Start a new interval (after a log or a save, whose time is not a step's)."""
+        self.start, self.steps = time.perf_counter(), 0
+
+    def read(self) -> dict[str, float | None]:
+        """``{"step_time", "tokens_per_sec"}`` (``None`` when no step was timed)."""
+        elapsed = time.perf_counter() - self.start
+        if not self.steps:
+            return {"step_time": None, "tokens_per_sec": None}
+        return {
+            "step_time": elapsed / self.steps,
+            "tokens_per_sec": self.tokens_per_step * self.steps / elapsed,
+        }

@@ -1,9 +1,11 @@
-"""Optimiser of spec §7: AdamW with parameter groups, warm-up + cosine schedule, clipping.
+"""Optimiser of the paper's recipe (its Table 2): AdamW with parameter groups, warm-up +
+cosine schedule, clipping.
 
 Parameter groups are :func:`dsc_jax.param_groups.param_labels`: ``"router"`` (learning
 rate ``router_lr_multiplier × lr(step)`` at every step, no weight decay), ``"bank"`` and
 ``"decay"`` (AdamW weight decay), ``"no_decay"`` (none). DSC ``gamma`` is not decayed
-unless ``optim.decay_gamma`` (the reference code decays it; spec §7 decays ≥2-D only).
+unless ``optim.decay_gamma`` (the paper's reference code decays it; the paper decays only
+≥2-D parameters).
 
 The whole chain is ``clip_by_global_norm`` (over all parameters, like PyTorch's
 ``clip_grad_norm_``) followed by one Adam (β₁, β₂, ε outside the square root, bias-corrected)
@@ -99,14 +101,14 @@ def make_optimizer(
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
-    """The ``optim`` config group with spec §7 values."""
+    """The ``optim`` config group with the paper's values (its Table 2)."""
     cfg = ml_collections.ConfigDict()
     cfg.learning_rate = paper.LEARNING_RATE  # peak learning rate after warm-up
     cfg.min_learning_rate = paper.MIN_LEARNING_RATE  # end value of the cosine decay
     cfg.warmup_steps = paper.WARMUP_STEPS  # linear warm-up from 0 over this many steps
     cfg.decay_steps = 0  # step where the cosine reaches min_learning_rate; 0 = num_train_steps
     cfg.weight_decay = paper.WEIGHT_DECAY  # decoupled AdamW decay on >=2-D non-router params
-    cfg.decay_gamma = False  # also decay DSC gamma (reference code: yes; spec §7: no)
+    cfg.decay_gamma = False  # also decay DSC gamma (paper's reference code: yes; paper: no)
     cfg.b1 = paper.ADAM_B1  # Adam β1
     cfg.b2 = paper.ADAM_B2  # Adam β2
     cfg.eps = paper.ADAM_EPS  # Adam ε (added to sqrt of the second moment)

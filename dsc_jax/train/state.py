@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from dsc_jax._checks import check_choice
 from dsc_jax.bank import BANK_PROJECTIONS, DEFAULT_BANK_RADIUS, bank_retraction, retract_bank
-from dsc_jax.sharding import LOGICAL_AXIS_RULES, Rules, logical_to_shardings
+from dsc_jax.sharding import LOGICAL_AXIS_RULES, Rules, abstract_sharded, init_sharded
 
 
 @functools.lru_cache(maxsize=32)
@@ -108,11 +108,9 @@ def abstract_train_state(
     bank_radius: float = DEFAULT_BANK_RADIUS,
     rules: Rules = LOGICAL_AXIS_RULES,
 ) -> tuple[TrainState, TrainState]:
-    """Shapes and shardings of the train state, without computing it.
-
-    ``jax.eval_shape`` of the boxed init gives the logical axis names of every parameter
-    (optimiser moments inherit their parameter's boxes); they become ``NamedSharding``\\ s
-    on ``mesh`` through :func:`dsc_jax.sharding.logical_to_shardings`.
+    """Shapes and shardings of the train state, without computing it
+    (:func:`dsc_jax.sharding.abstract_sharded` of the boxed init: optimiser moments inherit
+    their parameter's logical axis names).
 
     Args:
       model: the Flax model (``model.init({"params": key}, tokens)``).
@@ -128,16 +126,8 @@ def abstract_train_state(
       leaves carrying their sharding (a restore target), and the same tree of
       ``NamedSharding`` (for ``jit`` in/out shardings).
     """
-    boxed = jax.eval_shape(
-        _init_fn(model, tx, example_tokens, bank_projection, bank_radius), init_rng
-    )
-    shardings = logical_to_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        nn.unbox(boxed),
-        shardings,
-    )
-    return abstract, shardings
+    init_fn = _init_fn(model, tx, example_tokens, bank_projection, bank_radius)
+    return abstract_sharded(init_fn, mesh, rules, args=(init_rng,))
 
 
 def init_train_state(
@@ -150,10 +140,10 @@ def init_train_state(
     bank_projection: str = "retract",
     bank_radius: float = DEFAULT_BANK_RADIUS,
 ) -> TrainState:
-    """Initialise the state directly in its sharded layout (jitted init with
-    ``out_shardings``: each device computes its shards only)."""
+    """Initialise the state directly in its sharded layout
+    (:func:`dsc_jax.sharding.init_sharded`: each device computes its own shards only)."""
     init_fn = _init_fn(model, tx, example_tokens, bank_projection, bank_radius)
-    return jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(init_rng)
+    return init_sharded(init_fn, shardings, args=(init_rng,))
 
 
 def create_train_state(
