@@ -3,7 +3,7 @@
 Library: every module of ``dsc_jax`` outside the applications (layers, models, bank, NNX faces,
 loading, generation, sharding, data, the paper's numbers, timing, private helpers).
 Applications: the trainer (``dsc_jax.train``), the experiment runner (``dsc_jax.experiments``)
-and the command lines (``dsc_jax.cli``, ``dsc_jax.sample_cli``). Benchmarks (``benchmarks/``)
+and the command lines (``dsc_jax.cli``, ``dsc_jax.sample_cli``, ``dsc_jax.console``). Benchmarks (``benchmarks/``)
 import only the library. Imports are read with ``ast`` (function-level and ``TYPE_CHECKING``
 imports included), so nothing is executed.
 """
@@ -17,7 +17,13 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dsc_jax"
-APPLICATIONS = ("dsc_jax.train", "dsc_jax.experiments", "dsc_jax.cli", "dsc_jax.sample_cli")
+APPLICATIONS = (
+    "dsc_jax.train",
+    "dsc_jax.experiments",
+    "dsc_jax.cli",
+    "dsc_jax.sample_cli",
+    "dsc_jax.console",
+)
 
 #: Library modules that import an application today, with the import that breaks the rule.
 KNOWN_LIBRARY_VIOLATIONS = {
