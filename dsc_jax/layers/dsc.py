@@ -198,7 +198,7 @@ class DSCLayer(nn.Module):
         basis_u, basis_v, gamma = self._bank(d_model)
 
         # Route: the K atoms of every token and their gates ẑ (float32).
-        routing = self._router()(self._router_input(tokens), with_losses=collects_losses(self))
+        routing = self.make_router()(self._router_input(tokens), with_losses=collects_losses(self))
         # Normalise the bank and contract: ((x U_Iᵀ) ⊙ ẑ) V_I, ΔW(x) never materialised.
         path = resolve_compute(self.compute, self.num_bases, self.top_k)
         dynamic = dsc_contract.contract(
@@ -247,8 +247,10 @@ class DSCLayer(nn.Module):
             query = common.layer_norm(self.param_dtype, "router_norm")(query)
         return query
 
-    def _router(self) -> dsc_router.DSCRouter:
-        """The ``router`` module: flat or product-key (:class:`dsc_router.DSCRouter`)."""
+    @nn.nowrap
+    def make_router(self) -> dsc_router.DSCRouter:
+        """The layer's ``router`` module, flat or product-key (:class:`dsc_router.DSCRouter`),
+        from the layer's fields; its input is ``LayerNorm(x)`` (refined) or ``x``."""
         fields = {
             "num_bases": self.num_bases,
             "top_k": self.top_k,

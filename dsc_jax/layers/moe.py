@@ -173,6 +173,19 @@ class MoELayer(nn.Module):
         check_positive_float(owner, "jitter_std", self.jitter_std, allow_zero=True)
         super().__post_init__()
 
+    @nn.nowrap
+    def make_router(self) -> TopKRouter:
+        """The layer's ``router`` module (no bias, top-k of the softmax, jitter in training);
+        its input is ``LayerNorm(x)`` (``router_norm``)."""
+        return TopKRouter(
+            self.num_experts,
+            self.top_k,
+            jitter_std=self.jitter_std,
+            init_std=self.init_std,
+            param_dtype=self.param_dtype,
+            name="router",
+        )
+
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Route each token to ``top_k`` experts and combine their outputs.
@@ -206,14 +219,7 @@ class MoELayer(nn.Module):
         jitter_key = None
         if not deterministic and self.jitter_std > 0:
             jitter_key = self.make_rng("dropout")
-        router = TopKRouter(
-            num_experts,
-            top_k,
-            jitter_std=self.jitter_std,
-            init_std=self.init_std,
-            param_dtype=self.param_dtype,
-            name="router",
-        )
+        router = self.make_router()
         query = layer_norm(self.param_dtype, "router_norm")(tokens.astype(jnp.float32))
         routing = router(query, jitter_key=jitter_key, with_losses=collects_losses(self))
         indices, gates = routing.indices, routing.gates  # [N, k], not renormalised

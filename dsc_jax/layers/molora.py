@@ -84,6 +84,20 @@ class MoLoRALayer(nn.Module):
         check_common_fields(self)
         super().__post_init__()
 
+    @nn.nowrap
+    def make_router(self) -> TopKRouter:
+        """The layer's ``router`` module (with bias, softmax over the k selected logits); its
+        input is the raw ``x``."""
+        return TopKRouter(
+            self.num_experts,
+            self.top_k,
+            use_bias=True,
+            renormalize=True,
+            init_std=self.init_std,
+            param_dtype=self.param_dtype,
+            name="router",
+        )
+
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Apply the static FFN and the routed LoRA update.
@@ -97,7 +111,7 @@ class MoLoRALayer(nn.Module):
         """
         check_float_input(type(self).__name__, x, model_dim_of(self, ("lora_a",), axis=1))
         model_dim = x.shape[-1]
-        num_experts, top_k = self.num_experts, self.top_k
+        num_experts = self.num_experts
 
         lora_a = self.param(
             "lora_a",
@@ -113,16 +127,7 @@ class MoLoRALayer(nn.Module):
         )
 
         tokens = x.reshape(-1, model_dim)
-        router = TopKRouter(
-            num_experts,
-            top_k,
-            use_bias=True,
-            renormalize=True,
-            init_std=self.init_std,
-            param_dtype=self.param_dtype,
-            name="router",
-        )
-        routing = router(tokens.astype(jnp.float32), with_losses=collects_losses(self))
+        routing = self.make_router()(tokens.astype(jnp.float32), with_losses=collects_losses(self))
         sow_routing(self, routing, x.shape[:-1])  # gates [N, k] sum to 1
 
         tokens = tokens.astype(self.dtype)
