@@ -194,7 +194,9 @@ class DSCLayer(nn.Module):
         )
         d_model, lead_shape = x.shape[-1], x.shape[:-1]
         tokens = x.reshape(-1, d_model)  # [N, d]
-        static = self._static_ffn(tokens)  # f(x) = GELU(x W1) W2
+        # f(x) = GELU(x W1) W2, built first: x's gradient then sums its three parts (static
+        # FFN, router, contraction) in the order the golden numbers were recorded with.
+        static = self._static_ffn(tokens)
         basis_u, basis_v, gamma = self._bank(d_model)
 
         # Route: the K atoms of every token and their gates ẑ (float32).
