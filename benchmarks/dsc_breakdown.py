@@ -2,9 +2,12 @@
 
 Parts, at the layer's sizes and on its own parameters (``compute="gather"`` path):
 
-* ``router``: router LayerNorm + the dense ``[N, d] × [d, M]`` logits; backward = the sparse
-  logit gradient over the K selected columns (what the layer differentiates);
-* ``top_k``: :func:`dsc_jax.layers.dsc_router.top_k_indices` on ``[N, M]`` logits (no backward);
+* ``router``: the layer's router as the layer runs it, the router LayerNorm then its own
+  router module (:meth:`~dsc_jax.layers.dsc.DSCLayer.make_router`: the dense
+  ``[N, d] × [d, M]`` logits, the top-K and the gating); backward through the gates = the
+  sparse logit gradient over the K selected columns (what the layer differentiates);
+* ``top_k``: :func:`dsc_jax.layers.dsc_router.top_k_indices` on ``[N, M]`` logits (no backward;
+  a part of ``router``);
 * ``contract``: the gathered bank contraction (:mod:`dsc_jax.layers.dsc_contract`), w.r.t.
   ``x``, both banks and the gates;
 * ``static_ffn``: ``GELU(x W1) W2``;
@@ -36,20 +39,21 @@ def parts(layer: DSCLayer, params: dict, x: jax.Array, key: jax.Array) -> dict[s
     num_tokens, top_k, tau = tokens.shape[0], layer.top_k, layer.tau
     norm = params.get("router_norm")
     kernel, bias = params["router"]["kernel"], params["router"]["bias"]
+    router_module = layer.make_router()
 
     def router_in(tokens: jax.Array) -> jax.Array:
         if norm is None:
             return tokens.astype(jnp.float32)
-        return common.router_layer_norm(layer.param_dtype).apply({"params": norm}, tokens)
+        return common.layer_norm(layer.param_dtype, "router_norm").apply({"params": norm}, tokens)
 
     logits = jax.jit(lambda t: router_in(t) @ kernel.astype(jnp.float32) + bias)(tokens)
     indices = jax.jit(lambda r: dsc_router.top_k_indices(r, top_k, tau))(logits)
 
     def router(tokens: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-        inputs = router_in(tokens)
-        raw = inputs @ kernel.astype(jnp.float32) + bias
-        selected = jnp.take_along_axis(raw, indices, axis=-1)  # its own tangent is ignored
-        return dsc_contract.sparse_logit_gradient(selected, inputs, kernel, bias, indices)
+        routing = router_module.apply(
+            {"params": {"kernel": kernel, "bias": bias}}, router_in(tokens)
+        )
+        return routing.gates  # the gates carry the router's gradient
 
     def top_k_part(raw: jax.Array) -> jax.Array:
         return dsc_router.top_k_indices(raw, top_k, tau)

@@ -3,8 +3,9 @@
 Parts, at the layer's sizes and on its own parameters (the functions of
 :mod:`dsc_jax.layers.moe` that :func:`~dsc_jax.layers.moe.sorted_tile_dispatch` composes):
 
-* ``router``: router LayerNorm + ``[N, d] × [d, E]`` logits + softmax + top-k; backward w.r.t.
-  the tokens and the router weights through the gates;
+* ``router``: the layer's router LayerNorm and router module
+  (:meth:`~dsc_jax.layers.moe.MoELayer.make_router`: ``[N, d] × [d, E]`` logits, softmax,
+  top-k); backward w.r.t. the tokens and the router weights through the gates;
 * ``dispatch``: the slot ranks and buffer rows (:func:`sorted_tile_plan`) and the scatter of
   the ``N·k`` slots into the padded ``[tiles·tile, d]`` buffer; backward w.r.t. the tokens;
 * ``weight_gather``: each tile's expert weights ``w_in[tile_expert]``, ``w_out[tile_expert]``
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 from benchmarks.harness import vjp_function
 from dsc_jax.layers import moe
-from dsc_jax.layers.common import router_layer_norm
+from dsc_jax.layers.common import layer_norm
 
 PARTS = ("router", "dispatch", "weight_gather", "expert_matmuls", "combine")
 
@@ -44,11 +45,14 @@ def parts(layer: moe.MoELayer, params: dict, x: jax.Array, key: jax.Array) -> di
     w_out = params["expert_out"].astype(layer.dtype)
     num_experts = w_in.shape[0]
 
+    router_module = layer.make_router()
+
     def route(tokens: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The layer's router: ``(gates [N, k], indices [N, k])``."""
-        normed = router_layer_norm(layer.param_dtype).apply({"params": norm}, tokens)
-        probs = jax.nn.softmax(normed @ kernel.astype(jnp.float32), axis=-1)
-        return jax.lax.top_k(probs, top_k)
+        """The layer's router (its LayerNorm, then its router module, no jitter):
+        ``(gates [N, k], indices [N, k])``."""
+        normed = layer_norm(layer.param_dtype, "router_norm").apply({"params": norm}, tokens)
+        routing = router_module.apply({"params": {"kernel": kernel}}, normed)
+        return routing.gates, routing.indices
 
     def router(tokens: jax.Array, kernel: jax.Array) -> jax.Array:
         return route(tokens, kernel)[0]  # the gates carry the router's gradient

@@ -43,14 +43,16 @@ from benchmarks.harness import (
     time_round_robin,
 )
 from dsc_jax import paper
+from dsc_jax.layers.diagnostics import routing_statistics
 from dsc_jax.layers.dsc import DSCLayer
 
 _HERE = pathlib.Path(__file__).resolve().parent
 
 
-def atom_usage(indices: jax.Array, num_bases: int) -> dict[str, float]:
-    """Fraction of atoms used and ``KL(usage ‖ uniform)`` (nats) of ``indices [..., K]``."""
-    counts = jnp.zeros((num_bases,), jnp.float32).at[indices.reshape(-1)].add(1.0)
+def atom_usage(counts: jax.Array) -> dict[str, float]:
+    """Fraction of atoms used and ``KL(usage ‖ uniform)`` (nats) of the selection ``counts
+    [M]`` (:func:`dsc_jax.layers.diagnostics.routing_statistics`' ``usage``)."""
+    num_bases = counts.shape[0]
     probs = counts / jnp.sum(counts)
     kl = jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs * num_bases), 0.0))
     return {"fraction_used": float(jnp.mean(counts > 0)), "kl_to_uniform": float(kl)}
@@ -103,12 +105,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 {"params": p}, inputs, mutable=["intermediates"]
             )
         )(params, x)
-        indices = state["intermediates"]["top_k_indices"][0]
+        usage = routing_statistics(state["intermediates"], params)[""]["usage"]
         results[name] = {
             "num_bases": layer.num_bases,
             "params": sum(p.size for p in jax.tree.leaves(params)),
             "compile_s": fwd_s + bwd_s,
-            "usage": atom_usage(indices, layer.num_bases),
+            "usage": atom_usage(usage),
         }
     blocks = [[(name, "fwd"), (name, "fwd_bwd")] for name in layers]
     samples = time_round_robin(runners, blocks, args.iters, args.warmup)

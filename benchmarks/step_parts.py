@@ -49,8 +49,9 @@ BLOCKS_METHOD = "measured: embedding + blocks forward+backward with regularisers
 
 
 class Trunk(nn.Module):
-    """:class:`dsc_jax.models.gpt.GPT` up to its final LayerNorm, on the same parameter names
-    (``wte``, ``wpe``, ``block_{i}`` or ``blocks``): ``tokens [B, T]`` int -> the residual
+    """:class:`dsc_jax.models.gpt.GPT` up to its final LayerNorm, from the model's own pieces
+    (:func:`dsc_jax.models.gpt.embed`, :func:`dsc_jax.models.gpt.apply_blocks`; parameter
+    names ``wte``, ``wpe``, ``block_{i}`` or ``blocks``): ``tokens [B, T]`` int -> the residual
     stream ``[B, T, d]`` float32 that ``ln_f`` receives."""
 
     cfg: GPTConfig
@@ -58,26 +59,18 @@ class Trunk(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.cfg
-        kwargs = {"dtype": cfg.compute_dtype, "param_dtype": cfg.params_dtype}
-        wte = nn.Embed(cfg.vocab_size, cfg.d_model, name="wte", **kwargs)
-        wpe = nn.Embed(cfg.max_seq_len, cfg.d_model, name="wpe", **kwargs)
-        positions = jnp.arange(tokens.shape[1])
-        x = wte(tokens).astype(jnp.float32) + wpe(positions).astype(jnp.float32)
-        if cfg.embed_dropout:
-            x = nn.Dropout(cfg.dropout_rate, name="embed_dropout")(x, deterministic=deterministic)
+        x, _ = gpt.embed(cfg, tokens, jnp.arange(tokens.shape[1]), deterministic)
         return gpt.apply_blocks(cfg, x, deterministic)
 
 
 def head_ce_loss(cfg: GPTConfig) -> Callable[..., jax.Array]:
     """``loss(x [B, T, d] f32, ln_f params, embedding [V, d], targets [B, T] int) -> scalar``:
-    the model's ``ln_f`` (:func:`dsc_jax.models.gpt._layer_norm`), the tied head and the
-    trainer's mean float32 cross-entropy."""
+    the model's ``ln_f`` (:func:`dsc_jax.models.gpt.layer_norm`), the tied head
+    (:func:`dsc_jax.models.gpt.token_embedding`) and the trainer's mean float32 cross-entropy."""
     if not cfg.tie_embeddings:
         raise ValueError("head_ce: only the tied LM head (GPTConfig.tie_embeddings=True).")
-    ln_f = gpt._layer_norm(cfg, "ln_f")
-    wte = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
-    )
+    ln_f = gpt.layer_norm(cfg, "ln_f")
+    wte = gpt.token_embedding(cfg)
 
     def loss(x: jax.Array, ln_params: Any, embedding: jax.Array, targets: jax.Array) -> jax.Array:
         h = ln_f.apply({"params": ln_params}, x).astype(cfg.compute_dtype)

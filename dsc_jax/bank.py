@@ -27,9 +27,9 @@ reference code's 0.02. :data:`dsc_jax.layers.dsc.DEFAULT_BANK_RADIUS` is the def
 layer and of this transform; pass the layer's ``bank_radius`` here when you change it.
 
 ``optax.projections.projection_l2_sphere`` projects a whole pytree onto one sphere and
-divides by a zero norm; the bank needs each row on its own sphere with the spec's
+divides by a zero norm; the bank needs each row on its own sphere with the paper's
 ``max(ε, ‖û‖)`` guard, so the row-wise math is
-:func:`dsc_jax.layers.dsc_router.normalize_rows` (the same function the forward pass uses).
+:func:`dsc_jax.layers.dsc_contract.normalize_rows` (the same function the forward pass uses).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import optax
 from dsc_jax import paper
 from dsc_jax._checks import check_choice, check_positive_float
 from dsc_jax.layers.dsc import DEFAULT_BANK_RADIUS
-from dsc_jax.layers.dsc_router import normalize_rows
+from dsc_jax.layers.dsc_contract import normalize_rows
 from dsc_jax.param_groups import BANK_PARAM_NAMES, is_bank_path
 
 BANK_PROJECTIONS: tuple[str, ...] = ("retract", "tangent", "none")

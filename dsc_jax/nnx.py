@@ -16,6 +16,27 @@ once), one array per variable (so ``nnx.eval_shape`` under a mesh gives each a s
 
 Read them with :func:`collect_regularizers` / :func:`collect_diagnostics` (nested mappings).
 
+Why not ``flax.nnx.bridge.ToNNX`` (checked against flax 0.12.8): it turns every Linen
+collection into NNX variables of the same structure and feeds them back into the next
+``apply``, which does not fit these layers:
+
+* sown values accumulate: the previous call's ``"losses"`` and ``"intermediates"`` go back in
+  as variables and ``sow`` appends to them, so every call adds one more entry per term (a
+  regulariser summed from them counts old calls again, and the state's structure changes
+  each call, so ``nnx.jit`` retraces every step); nothing resets them after a
+  ``deterministic`` call;
+* the sown per-token intermediates (``top_k_indices [B, T, K]``) become state whose shape
+  follows the batch, and land as top-level attributes (``aux``, ``gates``) beside the
+  parameters; here they are reduced to fixed-shape routing sums;
+* the logical axis names become ``out_sharding`` metadata with eager sharding, so without a
+  mesh ``lazy_init`` raises ("An auto mesh context or metadata is required") unless
+  ``flax_always_shard_variable`` is turned off process-wide; here ``eager_sharding=False``
+  per parameter;
+* every call needs ``mutable=[...]`` (the default is immutable outside a bridge module).
+
+Parameters themselves convert the same way (same names and metadata), so a Linen module
+without sown collections could use ``ToNNX`` as well.
+
 Usage::
 
     from flax import nnx

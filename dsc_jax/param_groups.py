@@ -4,13 +4,13 @@ Labels, from the dict keys of each parameter's path (boxed ``nn.Partitioned`` tr
 same as unboxed ones):
 
 * ``"router"``: a path component is in ``router_names`` (``router``, ``router_norm``): every
-  router kernel, bias and router LayerNorm (DSC, MoE, MoLoRA). Spec §7: 5× learning rate,
-  no weight decay.
+  router kernel, bias and router LayerNorm (DSC, MoE, MoLoRA). The paper's recipe (Table 2): 5×
+  learning rate, no weight decay.
 * ``"bank"``: the DSC bank ``basis_u`` / ``basis_v`` ``[M, d]`` (rows at norm
   ``bank_radius``; see :mod:`dsc_jax.bank`).
 * ``"decay"``: every other parameter with ``ndim >= 2`` (embeddings, attention and FFN
   kernels, expert weights); also DSC ``gamma`` when ``decay_gamma`` (the reference code
-  decays it; spec §7 decays only ≥2-D parameters, so the default does not).
+  decays it; the paper's recipe decays only ≥2-D parameters, so the default does not).
 * ``"no_decay"``: the rest (LayerNorm scales and biases, biases, ``gamma``).
 
     tx = optax.multi_transform(

@@ -4,7 +4,7 @@
   to ``param_dtype``, so bfloat16/float16 parameters initialise (QR has no bfloat16 kernel)
   and start from the same values as float32 ones;
 * :func:`gelu_mlp`, the ``GELU(x W1) W2`` block of the dense FFN and of the static FFNs;
-* :func:`router_layer_norm`, the float32 LayerNorm in front of the DSC and MoE routers;
+* :func:`layer_norm`, the float32 LayerNorm of the GPT and in front of the DSC and MoE routers;
 * :func:`check_top_k`, :func:`load_balancing_loss` (Switch/GShard) and :func:`z_loss`.
 """
 
@@ -100,9 +100,10 @@ def gelu_mlp(
     return dense(tokens.shape[-1], ("mlp", "embed"), out_init_std, names[1])(hidden)
 
 
-def router_layer_norm(param_dtype: Dtype, name: str = "router_norm") -> nn.LayerNorm:
-    """The routers' LayerNorm: float32 math, exact two-pass variance, eps 1e-5 (spec §1),
-    ``scale``/``bias`` ``[d]`` on logical axis ``embed``."""
+def layer_norm(param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """The one LayerNorm of the package (the routers' and the GPT's): float32 math, exact
+    two-pass variance, eps 1e-5 (PyTorch's), ``scale``/``bias`` ``[d]`` (ones, zeros) on
+    logical axis ``embed``."""
     return nn.LayerNorm(
         epsilon=paper.LAYER_NORM_EPS,
         dtype=jnp.float32,

@@ -1,4 +1,4 @@
-"""Dense FFN baseline (spec §5): ``y = GELU(x W1) W2``, exact erf GELU, no bias."""
+"""Dense FFN baseline of the paper: ``y = GELU(x W1) W2``, exact erf GELU, no bias."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class DenseFFN(nn.Module):
     Attributes:
       hidden_dim: ``H``, the width of the hidden layer.
       dropout_rate: dropout on the output when ``deterministic=False``.
-      init_std: standard deviation of ``W1`` (spec: 0.02).
+      init_std: standard deviation of ``W1`` (the paper: 0.02).
       out_init_std: standard deviation of ``W2`` (a GPT passes ``0.02 / sqrt(2 L)``).
       dtype: compute dtype; also the output dtype.
       param_dtype: storage dtype of the parameters (initialisers compute in float32).

@@ -1,4 +1,4 @@
-"""The Dynamic Subspace Composition layer (spec §1-§3).
+"""The Dynamic Subspace Composition layer (the paper's Algorithm 1 and 2, and its regularisers).
 
 ``y = GELU(x W1) W2 + ((x U_Iᵀ) ⊙ ẑ) V_I ⊙ γ`` where the router picks, per token, the
 top-K of M unit-norm rank-1 atoms ``(u_j, v_j)`` and ``ẑ`` shrinks to zero when the router's
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from dsc_jax import _checks, paper
 from dsc_jax.layers import common, dsc_contract, dsc_product_key, dsc_router
+from dsc_jax.layers.routing import collects_losses, sow_routing
 
 VARIANTS = ("refined", "basic")
 ROUTERS = ("flat", "product_key")
@@ -34,10 +35,9 @@ DEFAULT_BANK_RADIUS = paper.REFERENCE_BANK_INIT_SCALE
 # "auto" picks "dense" (two [N,d]x[d,M] matmuls over every atom) when the bank is at most this
 # many times larger than K; otherwise "gather" (fetch the K selected rows of U and V per token,
 # O(N K d) memory traffic). Dense costs 4·N·M·d FLOPs of well-shaped matmuls, gather costs
-# 4·N·K·d FLOPs but 2·N·K·d gathered elements, which run far below matmul peak. Measured with
-# benchmarks/layer_latency.py on CPU (float32, 4096 tokens, d=384, K=4), gather/dense time is
-# 1.2 at M/K=32, 0.93 at 64 and 0.64 at 381 (the paper's M=1523): the crossover sits near
-# M/K≈48. GPUs and TPUs favour matmuls more, which moves it up, so 32 is conservative there.
+# 4·N·K·d FLOPs but 2·N·K·d gathered elements, which run far below matmul peak. The CPU
+# crossover measured with benchmarks/layer_latency.py lies above M/K=32 (benchmarks/README.md);
+# GPUs and TPUs favour matmuls more, which moves it up, so 32 is conservative there.
 AUTO_DENSE_MAX_BASES_PER_ACTIVE = 32
 
 
@@ -58,7 +58,7 @@ def bank_initializer(kind: str, radius: float, eps: float = paper.EPS) -> common
     directions = nn.initializers.orthogonal(1.0)
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-        rows = dsc_router.normalize_rows(directions(key, shape, jnp.float32), eps)
+        rows = dsc_contract.normalize_rows(directions(key, shape, jnp.float32), eps)
         return radius * rows
 
     return common.logical(common.float32_init(init), ("bases", "embed"))
@@ -106,8 +106,8 @@ class DSCLayer(nn.Module):
       frame_regularizer: sow the frame loss (``O(M d²)`` FLOPs per call, independent of the
         token count: at M=65,536, d=384 about 39 GFLOP forward; turn it off at large M).
       dropout_rate: dropout on the output when ``deterministic=False``.
-      init_std: std of ``mlp_in`` and the router kernel (spec: 0.02).
-      out_init_std: std of ``mlp_out``, the static FFN's output projection (spec §1: 0.02).
+      init_std: std of ``mlp_in`` and the router kernel (the paper: 0.02).
+      out_init_std: std of ``mlp_out``, the static FFN's output projection (the paper: 0.02).
       dtype: compute dtype of the static FFN and the bank contraction, and the output dtype.
         The router always computes in float32.
       param_dtype: dtype of the parameters (initialisers compute in float32, then cast).
@@ -179,7 +179,7 @@ class DSCLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Apply the layer.
+        """Apply the layer (the paper's Algorithm 2; Algorithm 1 with ``variant="basic"``).
 
         Args:
           x: ``[..., d]`` floating input.
@@ -192,76 +192,41 @@ class DSCLayer(nn.Module):
         _checks.check_float_input(
             type(self).__name__, x, common.model_dim_of(self, ("basis_u",), axis=1)
         )
-        d_model = x.shape[-1]
-        lead_shape = x.shape[:-1]
-        x = x.reshape(-1, d_model)  # [N, d]
+        d_model, lead_shape = x.shape[-1], x.shape[:-1]
+        tokens = x.reshape(-1, d_model)  # [N, d]
+        # f(x) = GELU(x W1) W2, built first: x's gradient then sums its three parts (static
+        # FFN, router, contraction) in the order the golden numbers were recorded with.
+        static = self._static_ffn(tokens)
+        basis_u, basis_v, gamma = self._bank(d_model)
 
-        # Static FFN f(x) = GELU(x W1) W2.
-        static_out = common.gelu_mlp(
-            x.astype(self.dtype),
-            self.hidden_dim,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            init_std=self.init_std,
-            out_init_std=self.out_init_std,
-        )
+        # Route: the K atoms of every token and their gates ẑ (float32).
+        routing = self.make_router()(self._router_input(tokens), with_losses=collects_losses(self))
+        # Normalise the bank and contract: ((x U_Iᵀ) ⊙ ẑ) V_I, ΔW(x) never materialised.
+        path = resolve_compute(self.compute, self.num_bases, self.top_k)
+        dynamic = dsc_contract.contract(
+            tokens.astype(self.dtype),
+            basis_u,
+            basis_v,
+            routing.indices,
+            routing.gates,
+            self.eps,
+            path,
+        )  # [N, d]
+        # Add to the static FFN: y = f(x) + y_dyn ⊙ γ.
+        y = static + (dynamic * gamma.astype(self.dtype)).astype(self.dtype)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
-        # Router, always float32.
-        router_in = x.astype(jnp.float32)
-        if self.variant == "refined":
-            router_in = common.router_layer_norm(self.param_dtype)(router_in)
-        if self.router == "product_key":
-            rows, cols = dsc_product_key.product_key_shape(
-                type(self).__name__, self.num_bases, self.product_key_rows
-            )
-            scores = dsc_product_key.ProductKeyRouter(
-                rows, cols, self.init_std, self.param_dtype, name="router"
-            )(router_in)
-            routing = dsc_product_key.route_product_key(*scores, self.top_k, self.tau, self.eps)
-            logits: Any = scores
-        else:
-            routing, logits = self._flat_route(router_in)
-        return self._finish(x, static_out, routing, logits, d_model, lead_shape, deterministic)
+        frame = {}
+        if self.frame_regularizer and collects_losses(self):
+            unit_u = dsc_contract.normalize_rows(basis_u, self.eps)
+            unit_v = dsc_contract.normalize_rows(basis_v, self.eps)
+            frame = {"frame": dsc_router.frame_excess(unit_u, unit_v)}
+        sow_routing(self, routing, lead_shape, signal=True, extra_losses=frame)
+        return y.reshape(*lead_shape, d_model).astype(self.dtype)
 
-    def _flat_route(self, router_in: jax.Array) -> tuple[dsc_router.RouterOutput, jax.Array]:
-        """The ``[d, M]`` router and :func:`dsc_router.route`; returns ``(routing,
-        raw_logits [N, M])``."""
-        router = nn.Dense(
-            self.num_bases,
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            kernel_init=common.normal(self.init_std, ("embed", "bases")),
-            bias_init=common.logical(nn.initializers.zeros, ("bases",)),
-            name="router",
-        )
-        raw_logits = router(router_in)  # [N, M]
-        router_params = nn.unbox(router.variables["params"])
-
-        def selected_gradient(selected: jax.Array, indices: jax.Array) -> jax.Array:
-            # φ's gradient over the K selected router columns only (O(N K d), not O(N M d)).
-            return dsc_contract.sparse_logit_gradient(
-                selected, router_in, router_params["kernel"], router_params["bias"], indices
-            )
-
-        routing = dsc_router.route(
-            raw_logits, self.top_k, self.tau, self.eps, selected_gradient=selected_gradient
-        )
-        return routing, raw_logits
-
-    def _finish(
-        self,
-        x: jax.Array,
-        static_out: jax.Array,
-        routing: dsc_router.RouterOutput,
-        logits: Any,
-        d_model: int,
-        lead_shape: tuple[int, ...],
-        deterministic: bool,
-    ) -> jax.Array:
-        """Bank, contraction, output and sown diagnostics / losses. ``logits``: the flat
-        router's raw ``[N, M]`` logits, or the product-key router's two score tables."""
-
-        # Bank, normalised in the forward pass too (imported banks stay valid).
+    def _bank(self, d_model: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The raw bank ``basis_u``, ``basis_v`` ``[M, d]`` (normalised where they are read)
+        and ``gamma`` (``[d]`` refined, ``[]`` basic)."""
         bank_init = bank_initializer(self.bank_init, self.bank_radius, self.eps)
         bank_shape = (self.num_bases, d_model)
         basis_u = self.param("basis_u", bank_init, bank_shape, self.param_dtype)
@@ -275,66 +240,42 @@ class DSCLayer(nn.Module):
             gamma_shape,
             self.param_dtype,
         )
+        return basis_u, basis_v, gamma
 
-        dynamic = self._contract(x, basis_u, basis_v, routing)  # [N, d]
-        y = static_out + (dynamic * gamma.astype(self.dtype)).astype(self.dtype)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    def _router_input(self, tokens: jax.Array) -> jax.Array:
+        """``LayerNorm(x)`` (refined) or ``x`` (basic), float32 ``[N, d]``."""
+        query = tokens.astype(jnp.float32)
+        if self.variant == "refined":
+            query = common.layer_norm(self.param_dtype, "router_norm")(query)
+        return query
 
-        if not self.is_initializing():  # keep diagnostics and losses out of `init`'s variables
-            self._sow(routing, logits, basis_u, basis_v, lead_shape)
-        return y.reshape(*lead_shape, d_model).astype(self.dtype)
-
-    def _sow(
-        self,
-        routing: dsc_router.RouterOutput,
-        logits: Any,
-        basis_u: jax.Array,
-        basis_v: jax.Array,
-        lead_shape: tuple[int, ...],
-    ) -> None:
-        """Diagnostics into ``intermediates``; unweighted regularisers into mutable ``losses``."""
-        self.sow("intermediates", "top_k_indices", routing.indices.reshape(*lead_shape, -1))
-        self.sow("intermediates", "gates", routing.coefficients.reshape(*lead_shape, -1))
-        self.sow("intermediates", "signal", routing.signal.reshape(lead_shape))
-        if self.is_mutable_collection("losses"):
-            if self.router == "flat":
-                aux = dsc_router.aux_loss(routing.clipped_logits)
-                z = common.z_loss(logits)
-            else:
-                aux = dsc_product_key.product_key_balance_loss(
-                    self.product_key_aux, *logits, routing.indices, self.tau
-                )
-                z = dsc_product_key.product_key_z_loss(*logits)
-            self.sow("losses", "aux", aux)
-            self.sow("losses", "budget", dsc_router.budget_loss(routing.signal, self.budget_target))
-            if self.frame_regularizer:
-                unit_u = dsc_router.normalize_rows(basis_u, self.eps)
-                unit_v = dsc_router.normalize_rows(basis_v, self.eps)
-                self.sow("losses", "frame", dsc_router.frame_excess(unit_u, unit_v))
-            self.sow("losses", "z", z)
-
-    def _contract(
-        self,
-        x: jax.Array,
-        basis_u: jax.Array,
-        basis_v: jax.Array,
-        routing: dsc_router.RouterOutput,
-    ) -> jax.Array:
-        """``((x U_Iᵀ) ⊙ ẑ) V_I`` for ``x: [N, d]``, raw banks ``[M, d]`` (rows normalised here:
-        "gather" with ``M > N·K`` normalises only the ``N·K`` gathered rows, otherwise the
-        whole bank once, whichever is less work); returns ``[N, d]``."""
-        x = x.astype(self.dtype)
-        mode = resolve_compute(self.compute, self.num_bases, self.top_k)
-        if mode == "gather":
-            return dsc_contract.contract_raw_banks(
-                x, basis_u, basis_v, routing.indices, routing.coefficients, self.eps
+    @nn.nowrap
+    def make_router(self) -> dsc_router.DSCRouter:
+        """The layer's ``router`` module, flat or product-key (:class:`dsc_router.DSCRouter`),
+        from the layer's fields; its input is ``LayerNorm(x)`` (refined) or ``x``."""
+        fields = {
+            "num_bases": self.num_bases,
+            "top_k": self.top_k,
+            "tau": self.tau,
+            "eps": self.eps,
+            "budget_target": self.budget_target,
+            "init_std": self.init_std,
+            "param_dtype": self.param_dtype,
+            "name": "router",
+        }
+        if self.router == "product_key":
+            return dsc_product_key.ProductKeyRouter(
+                rows=self.product_key_rows, aux=self.product_key_aux, **fields
             )
-        unit_u = dsc_router.normalize_rows(basis_u, self.eps).astype(self.dtype)
-        unit_v = dsc_router.normalize_rows(basis_v, self.eps).astype(self.dtype)
-        # "dense": project onto every atom, keep the selected K through a sparse coefficient row.
-        num_tokens = x.shape[0]
-        projections = jnp.einsum("nd,md->nm", x, unit_u, preferred_element_type=jnp.float32)
-        gates = jnp.zeros((num_tokens, self.num_bases), jnp.float32)
-        gates = gates.at[jnp.arange(num_tokens)[:, None], routing.indices].set(routing.coefficients)
-        coefficients = (projections * gates).astype(self.dtype)  # [N, M]
-        return jnp.einsum("nm,md->nd", coefficients, unit_v)
+        return dsc_router.FlatRouter(**fields)
+
+    def _static_ffn(self, tokens: jax.Array) -> jax.Array:
+        """``GELU(x W1) W2`` on ``tokens: [N, d]`` in ``dtype``."""
+        return common.gelu_mlp(
+            tokens.astype(self.dtype),
+            self.hidden_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            init_std=self.init_std,
+            out_init_std=self.out_init_std,
+        )

@@ -1,21 +1,26 @@
-"""The DSC bank contraction ``y_n = Σ_k ẑ_nk (x_n·u_{i_nk}) v_{i_nk}`` over gathered atoms.
+"""The DSC bank contraction ``y_n = Σ_k ẑ_nk (x_n·u_{i_nk}) v_{i_nk}`` (the paper's
+Algorithm 2: normalise the bank rows, project, gate, combine), and the sparse gradient of the
+router's selected logits.
 
-:func:`contract_raw_banks` is the ``compute="gather"`` path of :class:`dsc_jax.DSCLayer`:
-O(N·K·d) work, the ``[M, d]`` banks read through the ``[N, K]`` indices.
-:func:`gathered_contraction`, :func:`normalized_gathered_contraction` and the router's
-:func:`sparse_logit_gradient` each have a custom JVP whose tangent rule is linear and sparse;
-JAX transposes it for reverse mode, so one rule serves every transform (``jax.grad``,
+:func:`contract` is the bank step of :class:`dsc_jax.DSCLayer` on both compute paths:
+``"dense"`` (every atom, a K-sparse gate row) and ``"gather"`` (:func:`contract_raw_banks`:
+O(N·K·d) work, the ``[M, d]`` banks read through the ``[N, K]`` indices).
+:func:`gathered_contraction` (on unit banks, or on raw banks normalising only the gathered
+rows) and :func:`sparse_logit_gradient` each have a custom JVP whose tangent rule is linear and
+sparse; JAX transposes it for reverse mode, so one rule serves every transform (``jax.grad``,
 ``jax.jvp`` / ``jax.linearize`` / ``jax.jacfwd``, and any nesting of them, e.g.
 Hessian-vector products) with the efficiency of a hand-written VJP:
 
 * the sum over ``k`` runs as K fused multiply-adds instead of a batched ``[1,K]×[K,d]``
-  matmul per token (on XLA:CPU the batched form costs ~5× more); the tangent rules are
-  broadcast products and reductions, whose transposes are the same kind of ops;
+  matmul per token (which XLA:CPU runs far slower; see ``benchmarks/README.md``); the
+  tangent rules are broadcast products and reductions, whose transposes are the same kind of
+  ops;
 * the reverse pass re-gathers the selected rows from the banks instead of keeping
   ``[N, K, d]`` residuals alive (the tangent rules run under :func:`jax.checkpoint`, so only
   their inputs, e.g. the ``[N, K]`` projections, are saved), and the transpose of the
-  tangent's row gather scatter-adds the row gradients into the banks (a segment sum over the
-  selected ids, accumulated in float32).
+  tangents' one row gather (:func:`_tangent_rows`) is the one scatter-add, of the row
+  gradients into the banks and of the selected columns' gradients into the router (a
+  segment sum over the selected ids, accumulated in float32).
 
 Higher derivatives differentiate the tangent rules themselves, which are exact.
 
@@ -33,7 +38,26 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from dsc_jax.layers.dsc_router import normalize_rows
+from dsc_jax.layers.routing import dense_gates
+
+#: The compute paths of :func:`contract`.
+COMPUTE_PATHS = ("gather", "dense")
+
+RowNorms = tuple[jax.Array, jax.Array]
+
+
+def _normalize(rows32: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(rows / max(ε, ‖row‖), max(ε, ‖row‖), ‖row‖ > ε)`` on float32 rows ``[..., d]``
+    (the norms ``[..., 1]``)."""
+    norms = jnp.sqrt(jnp.sum(jnp.square(rows32), axis=-1, keepdims=True))
+    clamped = jnp.maximum(norms, eps)
+    return rows32 / clamped, clamped, norms > eps
+
+
+def normalize_rows(bank: jax.Array, eps: float) -> jax.Array:
+    """``b_j / max(ε, ‖b_j‖₂)`` row-wise (the paper's bank normalisation). ``bank: [M, d]``;
+    math in float32, result in ``bank.dtype``."""
+    return _normalize(bank.astype(jnp.float32), eps)[0].astype(bank.dtype)
 
 
 def _rows(bank: jax.Array, indices: jax.Array) -> jax.Array:
@@ -42,8 +66,9 @@ def _rows(bank: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def _tangent_rows(bank_tangent: jax.Array, indices: jax.Array) -> jax.Array:
-    """``bank_tangent[indices]`` in float32 ``[N, K, d]``; its transpose is a float32
-    scatter-add into ``[M, d]`` (then a cast to the bank dtype)."""
+    """``bank_tangent[indices]`` in float32 (``[M, d]`` rows at ``[N, K]`` ids -> ``[N, K, d]``;
+    a ``[M]`` vector -> ``[N, K]``): the one gather of the tangent rules, whose transpose is
+    the one float32 scatter-add into ``[M, ...]`` (then a cast to the primal dtype)."""
     return bank_tangent.astype(jnp.float32).at[indices].get(mode="promise_in_bounds")
 
 
@@ -148,59 +173,98 @@ def _contraction_tangent(
     return out.astype(x.dtype)
 
 
-@jax.custom_jvp
+def _gather_rows(
+    bank: jax.Array, indices: jax.Array, eps: float | None, dtype: jnp.dtype
+) -> tuple[jax.Array, RowNorms | None]:
+    """The unit rows ``[N, K, d]`` in ``dtype`` that the contraction reads, and their norms.
+
+    ``eps=None``: ``bank`` already holds unit rows (in ``dtype``); norms None. Otherwise
+    ``bank`` is raw: the gathered rows are normalised like :func:`normalize_rows` (float32
+    math, cast to the bank dtype, then ``dtype``), norms ``(max(ε, ‖row‖), ‖row‖ > ε)``,
+    each ``[N, K, 1]``.
+    """
+    rows = _rows(bank, indices)
+    if eps is None:
+        return rows, None
+    unit, clamped, above = _normalize(rows.astype(jnp.float32), eps)
+    return unit.astype(bank.dtype).astype(dtype), (clamped, above)
+
+
 def gathered_contraction(
     x: jax.Array,
-    unit_u: jax.Array,
-    unit_v: jax.Array,
+    bank_u: jax.Array,
+    bank_v: jax.Array,
     indices: jax.Array,
     gates: jax.Array,
+    eps: float | None = None,
 ) -> jax.Array:
-    """``((x U_Iᵀ) ⊙ ẑ) V_I`` per token.
+    """``((x U_Iᵀ) ⊙ ẑ) V_I`` per token, over the gathered rows only.
 
     Args:
       x: ``[N, d]`` tokens (compute dtype).
-      unit_u, unit_v: ``[M, d]`` unit-row banks (compute dtype).
+      bank_u, bank_v: ``[M, d]``: unit-row banks in the compute dtype (``eps=None``), or the
+        RAW banks (``eps`` given): then only the ``N·K`` gathered rows are normalised
+        (``b_j / max(ε, ‖b_j‖)``), so no ``[M, d]`` unit bank is built and the forward work
+        is O(N·K·d) whatever M; the tangent applies the normalisation's Jacobian per
+        gathered row, ``(ḃ − û (û·ḃ)) / ‖b‖`` (``ḃ / ε`` below ``ε``), and the reverse pass,
+        its transpose, applies it before the scatter-add.
       indices: ``[N, K]`` int32 selected atoms, in ``[0, M)``.
       gates: ``[N, K]`` float32 ``ẑ``.
+      eps: ``ε`` of the row normalisation, or None for unit banks.
 
     Returns:
       ``[N, d]`` in ``x.dtype``.
     """
-    return _forward(x, unit_u, unit_v, indices, gates)[0]
+    return _contraction(x, bank_u, bank_v, indices, gates, eps)
 
 
-def _forward(x, unit_u, unit_v, indices, gates):
-    projections = _project(x, _rows(unit_u, indices))  # [N, K] float32
+#: :func:`gathered_contraction` on raw banks, ``(x, bank_u, bank_v, indices, gates, eps)``
+#: (the name the raw-bank form has always had).
+normalized_gathered_contraction = gathered_contraction
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _contraction(x, bank_u, bank_v, indices, gates, eps):
+    return _forward(x, bank_u, bank_v, indices, gates, eps)[0]
+
+
+def _forward(x, bank_u, bank_v, indices, gates, eps):
+    unit_u = _gather_rows(bank_u, indices, eps, x.dtype)[0]
+    unit_v = _gather_rows(bank_v, indices, eps, x.dtype)[0]
+    projections = _project(x, unit_u)  # [N, K] float32
     coefficients = (projections * gates).astype(x.dtype)
-    out = _combine(coefficients, _rows(unit_v, indices), x.dtype)
-    return out, projections
+    return _combine(coefficients, unit_v, x.dtype), projections
 
 
-@functools.partial(jax.checkpoint, prevent_cse=False)
-def _gathered_tangent(x, unit_u, unit_v, indices, gates, projections, d_x, d_u, d_v, d_gates):
-    """:func:`_contraction_tangent` with the rows gathered here: under ``jax.checkpoint`` the
-    reverse pass gathers them again instead of saving ``[N, K, d]`` residuals (XLA may
-    still share one gather between the two passes)."""
-    u_rows = _rows(unit_u, indices).astype(jnp.float32)
-    v_rows = _rows(unit_v, indices).astype(jnp.float32)
+@functools.partial(jax.checkpoint, static_argnums=(10,), prevent_cse=False)
+def _tangent(x, bank_u, bank_v, indices, gates, projections, d_x, d_u, d_v, d_gates, eps):
+    """:func:`_contraction_tangent` with the rows gathered (and normalised) here: under
+    ``jax.checkpoint`` the reverse pass gathers them again instead of saving ``[N, K, d]``
+    residuals (XLA may still share one gather between the two passes)."""
+    unit_u, norms_u = _gather_rows(bank_u, indices, eps, x.dtype)
+    unit_v, norms_v = _gather_rows(bank_v, indices, eps, x.dtype)
     du_rows = None if d_u is None else _tangent_rows(d_u, indices)
     dv_rows = None if d_v is None else _tangent_rows(d_v, indices)
-    tangents = (d_x, du_rows, dv_rows, d_gates)
-    return _contraction_tangent(x, u_rows, v_rows, gates, projections, tangents)
-
-
-def _gathered_jvp(primals, tangents):
-    x, unit_u, unit_v, indices, gates = primals
-    d_x, d_u, d_v, _, d_gates = map(_nonzero, tangents)
-    out, projections = _forward(x, unit_u, unit_v, indices, gates)
-    tangent = _gathered_tangent(
-        x, unit_u, unit_v, indices, gates, projections, d_x, d_u, d_v, d_gates
+    return _contraction_tangent(
+        x,
+        unit_u.astype(jnp.float32),
+        unit_v.astype(jnp.float32),
+        gates,
+        projections,
+        (d_x, du_rows, dv_rows, d_gates),
+        norms=None if eps is None else (norms_u, norms_v),
     )
+
+
+def _contraction_jvp(eps, primals, tangents):
+    x, bank_u, bank_v, indices, gates = primals
+    d_x, d_u, d_v, _, d_gates = map(_nonzero, tangents)
+    out, projections = _forward(x, bank_u, bank_v, indices, gates, eps)
+    tangent = _tangent(x, bank_u, bank_v, indices, gates, projections, d_x, d_u, d_v, d_gates, eps)
     return out, tangent
 
 
-gathered_contraction.defjvp(_gathered_jvp, symbolic_zeros=True)
+_contraction.defjvp(_contraction_jvp, symbolic_zeros=True)
 
 
 @jax.custom_jvp
@@ -245,9 +309,7 @@ def _logit_tangent(inputs, kernel, indices, d_inputs, d_kernel, d_bias):
         inputs32 = inputs.astype(jnp.float32)[:, None, :]
         tangent = _add(tangent, _row_dot(inputs32, _tangent_rows(d_kernel.T, indices)))
     if d_bias is not None:
-        tangent = _add(
-            tangent, d_bias.astype(jnp.float32).at[indices].get(mode="promise_in_bounds")
-        )
+        tangent = _add(tangent, _tangent_rows(d_bias, indices))
     return tangent
 
 
@@ -263,83 +325,6 @@ def _logit_jvp(primals, tangents):
 sparse_logit_gradient.defjvp(_logit_jvp, symbolic_zeros=True)
 
 
-def _unit_rows(bank: jax.Array, indices: jax.Array, eps: float, dtype: jnp.dtype):
-    """Gathered rows normalised like :func:`dsc_router.normalize_rows` (float32 math, cast to
-    the bank dtype, then ``dtype``) and their float32 norms ``max(ε, ‖row‖)``: ``[N, K, d]``,
-    ``[N, K, 1]``."""
-    rows32 = _rows(bank, indices).astype(jnp.float32)
-    norms = jnp.sqrt(jnp.sum(jnp.square(rows32), axis=-1, keepdims=True))
-    clamped = jnp.maximum(norms, eps)
-    unit = (rows32 / clamped).astype(bank.dtype).astype(dtype)
-    return unit, clamped, norms > eps
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def normalized_gathered_contraction(
-    x: jax.Array,
-    bank_u: jax.Array,
-    bank_v: jax.Array,
-    indices: jax.Array,
-    gates: jax.Array,
-    eps: float,
-) -> jax.Array:
-    """:func:`gathered_contraction` on the RAW banks, normalising only the ``N·K`` gathered
-    rows (``b_j / max(ε, ‖b_j‖)``), so no ``[M, d]`` unit bank is built: the work is
-    O(N·K·d) in the forward pass whatever M (at M=65,536, d=384 normalising both banks costs
-    more than the whole layer). The tangent applies the normalisation's Jacobian per
-    gathered row, ``(ḃ − û (û·ḃ)) / ‖b‖`` (``ḃ / ε`` below ``ε``); the reverse pass, its
-    transpose, applies it before the scatter-add.
-
-    Args:
-      x: ``[N, d]``; bank_u, bank_v: ``[M, d]`` raw banks; indices: ``[N, K]`` int32;
-      gates: ``[N, K]`` float32; eps: ``ε``.
-    """
-    return _normalized_forward(x, bank_u, bank_v, indices, gates, eps)[0]
-
-
-def _normalized_forward(x, bank_u, bank_v, indices, gates, eps):
-    unit_u = _unit_rows(bank_u, indices, eps, x.dtype)[0]
-    unit_v = _unit_rows(bank_v, indices, eps, x.dtype)[0]
-    projections = _project(x, unit_u)
-    coefficients = (projections * gates).astype(x.dtype)
-    out = _combine(coefficients, unit_v, x.dtype)
-    return out, projections
-
-
-@functools.partial(jax.checkpoint, static_argnums=(10,), prevent_cse=False)
-def _normalized_tangent(
-    x, bank_u, bank_v, indices, gates, projections, d_x, d_u, d_v, d_gates, eps
-):
-    """:func:`_contraction_tangent` on the gathered, normalised rows (gathered again in the
-    reverse pass, not saved)."""
-    unit_u, norm_u, above_u = _unit_rows(bank_u, indices, eps, x.dtype)
-    unit_v, norm_v, above_v = _unit_rows(bank_v, indices, eps, x.dtype)
-    du_rows = None if d_u is None else _tangent_rows(d_u, indices)
-    dv_rows = None if d_v is None else _tangent_rows(d_v, indices)
-    return _contraction_tangent(
-        x,
-        unit_u.astype(jnp.float32),
-        unit_v.astype(jnp.float32),
-        gates,
-        projections,
-        (d_x, du_rows, dv_rows, d_gates),
-        norms=((norm_u, above_u), (norm_v, above_v)),
-    )
-
-
-def _normalized_jvp(eps, primals, tangents):
-    x, bank_u, bank_v, indices, gates = primals
-    d_x, d_u, d_v, _, d_gates = map(_nonzero, tangents)
-    out, projections = _normalized_forward(x, bank_u, bank_v, indices, gates, eps)
-    tangent = _normalized_tangent(
-        x, bank_u, bank_v, indices, gates, projections, d_x, d_u, d_v, d_gates, eps
-    )
-    return out, tangent
-
-
-normalized_gathered_contraction.defjvp(_normalized_jvp, symbolic_zeros=True)
-
-
 def contract_raw_banks(
     x: jax.Array,
     bank_u: jax.Array,
@@ -351,14 +336,53 @@ def contract_raw_banks(
     """The gather path on raw banks ``[M, d]``: ``((x U_Iᵀ) ⊙ ẑ) V_I`` with unit rows.
 
     Normalises whichever is less work: the whole bank once (``M ≤ N·K``, e.g. the paper's
-    M=1523 at 4096 tokens: 10× fewer rows) or only the ``N·K`` gathered rows (product-key
-    banks of 65,536 atoms). Both give the same values. A symbolic token count
+    M=1523 at 4096 tokens) or only the ``N·K`` gathered rows (product-key banks of 65,536
+    atoms). Both give the same values. A symbolic token count
     (``jax.export`` with a symbolic batch) normalises the gathered rows, whose cost scales
     with the tokens. ``x: [N, d]`` in the compute dtype.
     """
     slots = indices.size
     if not isinstance(slots, int) or bank_u.shape[0] > slots:
-        return normalized_gathered_contraction(x, bank_u, bank_v, indices, gates, eps)
+        return gathered_contraction(x, bank_u, bank_v, indices, gates, eps)
     unit_u = normalize_rows(bank_u, eps).astype(x.dtype)
     unit_v = normalize_rows(bank_v, eps).astype(x.dtype)
     return gathered_contraction(x, unit_u, unit_v, indices, gates)
+
+
+def dense_contraction(
+    x: jax.Array,
+    bank_u: jax.Array,
+    bank_v: jax.Array,
+    indices: jax.Array,
+    gates: jax.Array,
+    eps: float,
+) -> jax.Array:
+    """The ``"dense"`` path: project ``x [N, d]`` onto every unit atom (``[N, M]``), keep the
+    selected K through the K-sparse gate row (:func:`dsc_jax.layers.routing.dense_gates`),
+    combine with every atom: two well-shaped matmuls, plain autodiff. Raw banks ``[M, d]``,
+    normalised here; returns ``[N, d]`` in ``x.dtype``."""
+    unit_u = normalize_rows(bank_u, eps).astype(x.dtype)
+    unit_v = normalize_rows(bank_v, eps).astype(x.dtype)
+    projections = jnp.einsum("nd,md->nm", x, unit_u, preferred_element_type=jnp.float32)
+    coefficients = (projections * dense_gates(indices, gates, bank_u.shape[0])).astype(x.dtype)
+    return jnp.einsum("nm,md->nd", coefficients, unit_v)
+
+
+def contract(
+    x: jax.Array,
+    bank_u: jax.Array,
+    bank_v: jax.Array,
+    indices: jax.Array,
+    gates: jax.Array,
+    eps: float,
+    path: str,
+) -> jax.Array:
+    """``((x U_Iᵀ) ⊙ ẑ) V_I`` with the unit rows of the raw banks ``[M, d]`` (the paper's
+    Algorithm 2 contraction), on compute ``path`` ``"gather"`` (:func:`contract_raw_banks`)
+    or ``"dense"`` (:func:`dense_contraction`). ``x: [N, d]`` in the compute dtype;
+    ``indices``, ``gates``: ``[N, K]``; returns ``[N, d]``."""
+    if path == "gather":
+        return contract_raw_banks(x, bank_u, bank_v, indices, gates, eps)
+    if path == "dense":
+        return dense_contraction(x, bank_u, bank_v, indices, gates, eps)
+    raise ValueError(f"contract: path={path!r} is invalid; expected one of {COMPUTE_PATHS}.")

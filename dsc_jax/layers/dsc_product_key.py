@@ -13,7 +13,7 @@ candidate sums. Exact: a winner ``(i₁, i₂)`` with ``i₁`` outside the top-K
 by the K pairs ``(a, i₂)``, ``a`` in that top-K (floating-point addition is monotone). Ties are
 broken by the lowest atom id among the candidates; only exactly equal sums can differ from a
 brute-force lowest-id rule (the selected *values* are always the top-K). The selected logits then
-go through the same DSC gating as the flat router (:func:`dsc_jax.layers.dsc_router.gate`:
+go through the same DSC gating as the flat router (:class:`dsc_jax.layers.dsc_router.DSCRouter`:
 softplus, clip ``τ``, ``ẑ = φ/(S+ε)·tanh(S)``).
 
 Regularisers without ``[N, M]`` arrays:
@@ -42,13 +42,14 @@ Regularisers without ``[N, M]`` arrays:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsc_jax.layers import common, dsc_router
+from dsc_jax.layers import common
+from dsc_jax.layers.dsc_router import DSCRouter, Selection, aux_loss
+from dsc_jax.layers.routing import top_k_lowest_index
 
 
 def product_key_shape(owner: str, num_bases: int, rows: int) -> tuple[int, int]:
@@ -70,27 +71,42 @@ def product_key_shape(owner: str, num_bases: int, rows: int) -> tuple[int, int]:
     return rows, num_bases // rows
 
 
-class ProductKeyRouter(nn.Module):
-    """The two sub-key tables: ``q [N, d] -> (s₁ [N, n₁], s₂ [N, n₂])`` float32.
+class ProductKeyRouter(DSCRouter):
+    """The product-key DSC router (see the module docstring): ``q [N, d] -> RouterOutput``.
+
+    Attributes (besides :class:`dsc_jax.layers.dsc_router.DSCRouter`'s):
+      rows: ``n₁`` (0: ``√M``, M a perfect square); ``n₂ = M / n₁``.
+      aux: the load-balancing loss, ``"marginal"``, ``"joint"`` or ``"selection"``
+        (:func:`product_key_balance_loss`).
 
     Parameters: ``keys_1/kernel [d₁, n₁]``, ``keys_1/bias [n₁]``, ``keys_2/kernel [d-d₁, n₂]``,
-    ``keys_2/bias [n₂]`` (normal(``init_std``) kernels, zero biases).
+    ``keys_2/bias [n₂]`` (normal(``init_std``) kernels, zero biases). Regularisers: ``aux``
+    as chosen, ``z`` = :func:`product_key_z_loss` (the flat z-loss over all ``M`` sums).
     """
 
-    rows: int
-    cols: int
-    init_std: float
-    param_dtype: Any = jnp.float32
+    rows: int = 0
+    aux: str = "marginal"
 
-    @nn.compact
-    def __call__(self, query: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def select(self, query: jax.Array) -> Selection:
+        scores_1, scores_2 = self.scores(query)
+        indices, selected = product_key_top_k(scores_1, scores_2, self.top_k)
+
+        def regularizers() -> tuple[jax.Array, jax.Array]:
+            aux = product_key_balance_loss(self.aux, scores_1, scores_2, indices, self.tau)
+            return aux, product_key_z_loss(scores_1, scores_2)
+
+        return indices, selected, regularizers
+
+    def scores(self, query: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The two sub-key tables: ``q [N, d] -> (s₁ [N, n₁], s₂ [N, n₂])`` float32."""
+        rows, cols = product_key_shape(type(self).__name__, self.num_bases, self.rows)
         half = query.shape[-1] // 2
         if half < 1:
             raise ValueError("DSCLayer: router='product_key' needs d_model >= 2.")
         scores = []
         for name, part, size in (
-            ("keys_1", query[..., :half], self.rows),
-            ("keys_2", query[..., half:], self.cols),
+            ("keys_1", query[..., :half], rows),
+            ("keys_2", query[..., half:], cols),
         ):
             dense = nn.Dense(
                 size,
@@ -125,28 +141,18 @@ def product_key_top_k(
     values_2, ids_2 = jax.lax.top_k(fixed_2, min(top_k, cols))
     sums = (values_1[..., :, None] + values_2[..., None, :]).reshape(*values_1.shape[:-1], -1)
     ids = (ids_1[..., :, None] * cols + ids_2[..., None, :]).reshape(sums.shape)
-    indices = dsc_router._top_k_lowest_index(sums, ids, top_k, rows * cols)
+    indices = top_k_lowest_index(sums, ids, top_k, rows * cols)
     selected = jnp.take_along_axis(scores_1, indices // cols, axis=-1) + jnp.take_along_axis(
         scores_2, indices % cols, axis=-1
     )
     return indices, selected
 
 
-def route_product_key(
-    scores_1: jax.Array, scores_2: jax.Array, top_k: int, tau: float, eps: float
-) -> dsc_router.RouterOutput:
-    """:func:`product_key_top_k` then the DSC gating; ``clipped_logits`` is None (no
-    ``[N, M]`` array; the regularisers use the score tables)."""
-    indices, selected = product_key_top_k(scores_1, scores_2, top_k)
-    coefficients, signal = dsc_router.gate(selected, tau, eps)
-    return dsc_router.RouterOutput(indices, coefficients, signal, None)
-
-
 def product_key_aux_loss(scores_1: jax.Array, scores_2: jax.Array, tau: float) -> jax.Array:
     """``½ (n₁ Σ P₁² + n₂ Σ P₂²)``, ``P_h = mean_tokens softmax(clip(s_h, -τ, τ))``."""
     total = jnp.zeros((), jnp.float32)
     for scores in (scores_1, scores_2):
-        total = total + dsc_router.aux_loss(jnp.clip(scores.astype(jnp.float32), -tau, tau))
+        total = total + aux_loss(jnp.clip(scores.astype(jnp.float32), -tau, tau))
     return total / 2
 
 

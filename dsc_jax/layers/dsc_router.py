@@ -1,71 +1,109 @@
-"""DSC router math and regularisers (spec §2 steps 2-6 and §3), all in float32.
+"""The DSC routers and regularisers (the paper's Algorithm 1 and 2), all in float32.
 
-This is the one place where the routing equations live; every compute path of
-:class:`dsc_jax.DSCLayer` (Linen and NNX) calls it. The z-loss, shared with the MoE
-baselines, is :func:`dsc_jax.layers.common.z_loss`.
+This is the one place where the DSC routing equations live: :class:`DSCRouter` is the template
+both DSC routers share (select K atoms and their raw logits, then :func:`gate`: softplus,
+clip, ``ẑ = φ/(S+ε)·tanh(S)``, and the budget term); :class:`FlatRouter` selects with one
+``[d, M]`` projection, :class:`dsc_jax.layers.dsc_product_key.ProductKeyRouter` with two
+sub-key tables. The z-loss, shared with the MoE baselines, is
+:func:`dsc_jax.layers.common.z_loss`; the bank normalisation is
+:func:`dsc_jax.layers.dsc_contract.normalize_rows` (also importable from here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsc_jax import paper
+from dsc_jax.layers.common import Dtype, z_loss
+from dsc_jax.layers.dsc_contract import normalize_rows as normalize_rows
+from dsc_jax.layers.dsc_contract import sparse_logit_gradient
+from dsc_jax.layers.routing import RouterOutput, router_projection, top_k_lowest_index
 
-class RouterOutput(NamedTuple):
-    """Result of :func:`route`. ``N`` is the number of tokens (leading axes flattened or not).
+#: What :meth:`DSCRouter.select` returns: ``(indices [N, K] int32, selected raw logits
+#: [N, K] float32, regularisers)``, the last a no-argument function giving ``(aux, z)``.
+Selection = tuple[jax.Array, jax.Array, Callable[[], tuple[jax.Array, jax.Array]]]
+
+
+class DSCRouter(nn.Module):
+    """Template of the DSC routers: ``q [N, d] -> RouterOutput`` (float32).
+
+    A subclass implements :meth:`select` (its scoring parameters and the top-K); this class
+    gates the selected logits with :func:`gate` and adds the budget term to the subclass's
+    ``aux`` and ``z``.
 
     Attributes:
-      indices: ``[..., K]`` int32, the selected atoms (descending ``α``).
-      coefficients: ``[..., K]`` float32, the magnitude-gated ``ẑ``.
-      signal: ``[...]`` float32, ``S = Σ_k φ_k``.
-      clipped_logits: ``[..., M]`` float32, ``r = clip(r_raw, -τ, τ)``.
-    """
-
-    indices: jax.Array
-    coefficients: jax.Array
-    signal: jax.Array
-    clipped_logits: jax.Array
-
-
-def route(
-    raw_logits: jax.Array,
-    top_k: int,
-    tau: float,
-    eps: float,
-    selected_gradient: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-) -> RouterOutput:
-    """Clip, softplus, top-K and magnitude-gated contraction (spec §2 steps 2-5).
-
-    Args:
-      raw_logits: ``[..., M]`` router logits ``r_raw`` (cast to float32 here).
-      top_k: static number of active atoms ``K``.
+      num_bases: ``M``.
+      top_k: ``K``.
       tau: logit clip ``τ``.
-      eps: ``ε`` in ``ẑ = φ / (S + ε) · tanh(S)``.
-      selected_gradient: optional ``f(selected, indices) -> selected`` that returns the
-        selected logits ``[..., K]`` unchanged but gives them its own tangent (e.g.
-        :func:`dsc_jax.layers.dsc_contract.sparse_logit_gradient`); ``raw_logits`` then gets
-        no first-order gradient through ``φ`` (higher orders still see the dependence).
-        Without it, ``φ``'s gradient flows into ``raw_logits``.
-
-    Returns:
-      :class:`RouterOutput` with ``ẑ`` satisfying ``Σ_k ẑ_k < 1`` and ``ẑ → 0`` as ``S → 0``.
+      eps: ``ε`` of ``ẑ = φ / (S + ε) · tanh(S)``.
+      budget_target: ``μ`` of ``L_budget = max(0, μ − mean(S))²``.
+      init_std: std of the router kernels (biases start at zero).
+      param_dtype: storage dtype of the router parameters.
     """
-    raw_logits = raw_logits.astype(jnp.float32)
-    clipped = jnp.clip(raw_logits, -tau, tau)  # only the aux loss reads it (dead code otherwise)
-    indices = top_k_indices(jax.lax.stop_gradient(raw_logits), top_k, tau)
-    selected = jnp.take_along_axis(raw_logits, indices, axis=-1)
-    if selected_gradient is not None:
-        selected = selected_gradient(selected, indices)
-    coefficients, signal = gate(selected, tau, eps)
-    return RouterOutput(indices, coefficients, signal, clipped)
+
+    num_bases: int
+    top_k: int
+    tau: float = paper.TAU
+    eps: float = paper.EPS
+    budget_target: float = paper.BUDGET_TARGET
+    init_std: float = paper.INIT_STD
+    param_dtype: Dtype = jnp.float32
+
+    def select(self, query: jax.Array) -> Selection:
+        """The K atoms of every token, their raw logits and the ``(aux, z)`` regularisers."""
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, query: jax.Array, *, with_losses: bool = False) -> RouterOutput:
+        """Route ``query: [N, d]`` (the router input: LayerNorm(x), or x in Algorithm 1);
+        ``with_losses`` computes :attr:`RouterOutput.losses` (``aux``, ``budget``, ``z``)."""
+        indices, selected, regularizers = self.select(query.astype(jnp.float32))
+        gates, signal = gate(selected, self.tau, self.eps)
+        losses = {}
+        if with_losses:
+            aux, z = regularizers()
+            losses = {"aux": aux, "budget": budget_loss(signal, self.budget_target), "z": z}
+        return RouterOutput(indices, gates, signal, losses)
+
+
+class FlatRouter(DSCRouter):
+    """The paper's router: ``r_raw = q W_r + b_r [N, M]``, exact top-K of
+    ``α = softplus(clip(r_raw, -τ, τ))`` (:func:`top_k_indices`), the selected logits'
+    gradient over the K selected columns only (:func:`sparse_logit_gradient`).
+
+    Parameters: ``kernel [d, M]`` (``embed, bases``), ``bias [M]`` (``bases``).
+    Regularisers: ``aux`` = :func:`aux_loss` on the clipped logits, ``z`` =
+    :func:`dsc_jax.layers.common.z_loss` on the raw ones.
+    """
+
+    def select(self, query: jax.Array) -> Selection:
+        raw_logits, kernel, bias = router_projection(
+            self,
+            query,
+            self.num_bases,
+            axis="bases",
+            init_std=self.init_std,
+            param_dtype=self.param_dtype,
+            use_bias=True,
+        )  # [N, M]
+        indices = top_k_indices(jax.lax.stop_gradient(raw_logits), self.top_k, self.tau)
+        selected = jnp.take_along_axis(raw_logits, indices, axis=-1)
+        # φ's gradient over the K selected router columns only (O(N K d), not O(N M d)).
+        selected = sparse_logit_gradient(selected, query, kernel, bias, indices)
+
+        def regularizers() -> tuple[jax.Array, jax.Array]:
+            return aux_loss(jnp.clip(raw_logits, -self.tau, self.tau)), z_loss(raw_logits)
+
+        return indices, selected, regularizers
 
 
 def gate(selected: jax.Array, tau: float, eps: float) -> tuple[jax.Array, jax.Array]:
     """``(ẑ, S)`` from the selected raw logits ``[..., K]``: ``φ = softplus(clip(r, -τ, τ))``,
-    ``S = Σ_k φ_k``, ``ẑ = φ / (S + ε) · tanh(S)`` (spec §2 steps 3-5)."""
+    ``S = Σ_k φ_k``, ``ẑ = φ / (S + ε) · tanh(S)`` (the paper's Algorithm 2)."""
     # φ from the K winners only: the same elementwise ops as softplus(clip(r)) on all M.
     phi = _alpha(selected, tau)
     signal = jnp.sum(phi, axis=-1)
@@ -90,9 +128,9 @@ def pruning_block(num_bases: int, top_k: int) -> int | None:
     return block
 
 
-# Candidate-pruning parameters of :func:`top_k_indices` (see :func:`pruning_block`). Measured
-# with benchmarks/layer_latency.py (XLA:CPU, float32, [4096, 1523] logits, K=4): blocks of 16
-# make the top-K ~4x cheaper than ``lax.top_k`` on all M (32: similar, 64: slower).
+# Candidate-pruning parameters of :func:`top_k_indices` (see :func:`pruning_block`), chosen
+# with benchmarks/layer_latency.py at the paper's sizes (blocks of 32 about as fast as 16,
+# 64 slower; see benchmarks/README.md).
 BLOCK_SIZE = 16
 MIN_PRUNED_BASES = 256
 
@@ -144,27 +182,7 @@ def top_k_indices(
     in_range = candidates < num_bases
     values = jnp.take_along_axis(raw_logits, jnp.minimum(candidates, num_bases - 1), axis=-1)
     values = jnp.where(in_range, _alpha(values, tau), -jnp.inf)
-    return _top_k_lowest_index(values, candidates, top_k, num_bases)
-
-
-def _top_k_lowest_index(values: jax.Array, ids: jax.Array, top_k: int, sentinel: int) -> jax.Array:
-    """The ``ids`` of the ``top_k`` largest ``values`` (lowest id first among equal values),
-    by ``top_k`` rounds of max / min-id / mask on the last axis. ``ids`` are distinct and
-    ``< sentinel``."""
-    chosen = []
-    for _ in range(top_k):
-        best = jnp.max(values, axis=-1, keepdims=True)
-        winner = jnp.min(jnp.where(values == best, ids, sentinel), axis=-1, keepdims=True)
-        chosen.append(winner)
-        values = jnp.where(ids == winner, -jnp.inf, values)
-    return jnp.concatenate(chosen, axis=-1).astype(jnp.int32)
-
-
-def normalize_rows(bank: jax.Array, eps: float) -> jax.Array:
-    """``b_j / max(ε, ‖b_j‖₂)`` row-wise (spec §2 step 6). ``bank: [M, d]``; math in float32."""
-    bank32 = bank.astype(jnp.float32)
-    norms = jnp.sqrt(jnp.sum(jnp.square(bank32), axis=-1, keepdims=True))
-    return (bank32 / jnp.maximum(norms, eps)).astype(bank.dtype)
+    return top_k_lowest_index(values, candidates, top_k, num_bases)
 
 
 def aux_loss(clipped_logits: jax.Array) -> jax.Array:

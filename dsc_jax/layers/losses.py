@@ -1,4 +1,4 @@
-"""Training losses: token cross-entropy and the weighted sum of the sown regularisers (spec §3).
+"""Training losses: token cross-entropy and the weighted sum of the paper's sown regularisers.
 
 Every FFN layer sows *unweighted* scalars into the ``"losses"`` collection under the term
 names ``aux``, ``budget``, ``frame`` and ``z``. :func:`regularization_loss` sums each term over
@@ -25,7 +25,7 @@ TERM_NAMES = ("aux", "budget", "frame", "z")
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    """Weights ``λ`` of the regularisers (spec §3 defaults); each must be ``>= 0``."""
+    """Weights ``λ`` of the regularisers (the paper's defaults); each must be ``>= 0``."""
 
     aux: float = paper.LOSS_WEIGHTS["aux"]
     budget: float = paper.LOSS_WEIGHTS["budget"]

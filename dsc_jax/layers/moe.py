@@ -1,8 +1,9 @@
-"""Standard top-k mixture-of-experts FFN baseline (spec §5), three equivalent dispatch modes.
+"""Standard top-k mixture-of-experts FFN baseline of the paper, several dispatch modes.
 
-Router (float32): ``logits = LayerNorm(x) W_g`` (no bias), ``+ N(0, jitter_std²)`` noise in
-training, ``p = softmax(logits)``, top-k of ``p`` with the weights NOT renormalised. Each
-expert is ``GELU(x W_in[e]) W_out[e]`` (exact erf GELU, no bias).
+Router (:class:`dsc_jax.layers.topk_router.TopKRouter`, float32): ``logits = LayerNorm(x) W_g``
+(no bias), ``+ N(0, jitter_std²)`` noise in training, ``p = softmax(logits)``, top-k of ``p``
+with the weights NOT renormalised. Each expert is ``GELU(x W_in[e]) W_out[e]`` (exact erf
+GELU, no bias).
 
 Dispatch modes (identical results when no token is dropped; ``"auto"``, the default, picks
 ``"dense"``, ``"sorted"`` or ``"dropless"`` by :func:`resolve_dispatch`):
@@ -38,12 +39,12 @@ from dsc_jax.layers.common import (
     Dtype,
     check_common_fields,
     check_top_k,
-    load_balancing_loss,
+    layer_norm,
     model_dim_of,
     normal,
-    router_layer_norm,
-    z_loss,
 )
+from dsc_jax.layers.routing import collects_losses, sow_routing
+from dsc_jax.layers.topk_router import TopKRouter
 
 DISPATCH_MODES = ("auto", "dense", "dropless", "sorted", "capacity")
 DEFAULT_CAPACITY_FACTOR = 1.25  # read by dispatch="capacity" only
@@ -53,10 +54,9 @@ DEFAULT_TILE_SIZE = 256  # read by dispatch="sorted" (and "auto", which may pick
 # FLOPs, in plain batched matmuls) when E/k is at most this, else "dropless" (``ragged_dot``,
 # a grouped GEMM there). On CPU it picks "sorted" whenever its padded buffer
 # (``N·k + E·(tile − 1)`` rows) is smaller than dense's ``E·N`` rows, else "dense": XLA:CPU
-# lowers ``ragged_dot`` to slow loops, while "sorted" runs plain batched matmuls. Measured with
-# benchmarks/layer_latency.py (float32, 4096 tokens, d=384, E=5, k=2, H_e=545, tile 256):
-# sorted / dense = 0.82 forward and 0.53 forward+backward; dropless / dense = 2.2 and 1.9.
-# All modes but "capacity" drop nothing and give the same outputs.
+# lowers ``ragged_dot`` to slow loops, while "sorted" runs plain batched matmuls (chosen
+# with benchmarks/layer_latency.py; see benchmarks/README.md). All modes but "capacity" drop
+# nothing and give the same outputs.
 AUTO_DENSE_MAX_EXPERTS_PER_ACTIVE_ACCELERATOR = 1.5
 
 
@@ -100,7 +100,7 @@ def _expert_mlp(tokens: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Arr
 
 
 class MoELayer(nn.Module):
-    """Top-k MoE FFN (spec §5 "Standard MoE").
+    """Top-k MoE FFN (the paper's "Standard MoE" baseline).
 
     Shapes: ``x [..., d] -> [..., d]`` in ``dtype`` (any leading axes, e.g. ``[B, T, d]``);
     ``d`` is fixed by the first call. Example::
@@ -121,7 +121,7 @@ class MoELayer(nn.Module):
         (each tile holds one expert's slots; another value with another dispatch raises).
       jitter_std: std of the Gaussian noise added to the router logits in training.
       dropout_rate: dropout on the output when ``deterministic=False``.
-      init_std: std of ``expert_in`` and the router kernel (spec: 0.02).
+      init_std: std of ``expert_in`` and the router kernel (the paper: 0.02).
       out_init_std: std of ``expert_out`` (a GPT passes ``0.02 / sqrt(2 L)``).
       dtype: expert compute dtype and output dtype (the router always computes in float32).
       param_dtype: storage dtype of every parameter (initialisers compute in float32).
@@ -130,9 +130,9 @@ class MoELayer(nn.Module):
     [d, E]`` (``embed, experts``), ``expert_in [E, d, H]`` (``experts, embed, mlp``),
     ``expert_out [E, H, d]`` (``experts, mlp, embed``).
 
-    Sown: ``losses/aux`` (:func:`load_balancing_loss`, on the jittered probabilities) and
-    ``losses/z`` (:func:`dsc_jax.layers.common.z_loss` on the logits WITHOUT jitter) when
-    ``"losses"`` is mutable; ``intermediates/top_k_indices [..., k]`` int32,
+    Sown: ``losses/aux`` (:func:`dsc_jax.layers.common.load_balancing_loss`, on the jittered
+    probabilities) and ``losses/z`` (:func:`dsc_jax.layers.common.z_loss` on the logits
+    WITHOUT jitter) when ``"losses"`` is mutable; ``intermediates/top_k_indices [..., k]`` int32,
     ``intermediates/gates [..., k]`` float32 and, in ``"capacity"`` mode,
     ``intermediates/dropped_fraction`` (fraction of the ``N·k`` token-slots dropped).
     """
@@ -173,22 +173,18 @@ class MoELayer(nn.Module):
         check_positive_float(owner, "jitter_std", self.jitter_std, allow_zero=True)
         super().__post_init__()
 
-    def _route(self, tokens: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array]:
-        """Float32 router. ``tokens: [N, d]`` -> (clean ``logits [N, E]``, ``probs [N, E]``)."""
-        normed = router_layer_norm(self.param_dtype)(tokens.astype(jnp.float32))
-        logits = nn.Dense(
+    @nn.nowrap
+    def make_router(self) -> TopKRouter:
+        """The layer's ``router`` module (no bias, top-k of the softmax, jitter in training);
+        its input is ``LayerNorm(x)`` (``router_norm``)."""
+        return TopKRouter(
             self.num_experts,
-            use_bias=False,
-            dtype=jnp.float32,
+            self.top_k,
+            jitter_std=self.jitter_std,
+            init_std=self.init_std,
             param_dtype=self.param_dtype,
-            kernel_init=normal(self.init_std, ("embed", "experts")),
             name="router",
-        )(normed)
-        noisy = logits
-        if not deterministic and self.jitter_std > 0:
-            noise = jax.random.normal(self.make_rng("dropout"), logits.shape, jnp.float32)
-            noisy = logits + self.jitter_std * noise
-        return logits, jax.nn.softmax(noisy, axis=-1)
+        )
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -220,15 +216,14 @@ class MoELayer(nn.Module):
         )
 
         tokens = x.reshape(-1, model_dim)
-        logits, probs = self._route(tokens, deterministic)
-        gates, indices = jax.lax.top_k(probs, top_k)  # [N, k] each, not renormalised
-        indices = indices.astype(jnp.int32)
-
-        if self.is_mutable_collection("losses") and not self.is_initializing():
-            self.sow("losses", "aux", load_balancing_loss(probs, indices))
-            self.sow("losses", "z", z_loss(logits))
-        self.sow("intermediates", "top_k_indices", indices.reshape(*x.shape[:-1], top_k))
-        self.sow("intermediates", "gates", gates.reshape(*x.shape[:-1], top_k))
+        jitter_key = None
+        if not deterministic and self.jitter_std > 0:
+            jitter_key = self.make_rng("dropout")
+        router = self.make_router()
+        query = layer_norm(self.param_dtype, "router_norm")(tokens.astype(jnp.float32))
+        routing = router(query, jitter_key=jitter_key, with_losses=collects_losses(self))
+        indices, gates = routing.indices, routing.gates  # [N, k], not renormalised
+        sow_routing(self, routing, x.shape[:-1])
 
         tokens = tokens.astype(self.dtype)
         w_in, w_out = w_in.astype(self.dtype), w_out.astype(self.dtype)

@@ -1,9 +1,10 @@
-"""Mixture-of-LoRA-experts FFN baseline (spec §5 "MoLoRA"; not in the reference code).
+"""Mixture-of-LoRA-experts FFN baseline (the paper's MoLoRA comparison; not in its reference code).
 
 ``y = f(x) + Σ_k g_k (x A_{i_k}) B_{i_k}`` with the static FFN ``f(x) = GELU(x W1) W2``
 (exact erf GELU, no bias) and ``E`` rank-``r`` experts ``A_e: d×r``, ``B_e: r×d``.
 
-Router (float32, on the raw layer input ``x``, no LayerNorm): ``logits = x W_r + b_r``;
+Router (:class:`dsc_jax.layers.topk_router.TopKRouter`, float32, on the raw layer input
+``x``, no LayerNorm): ``logits = x W_r + b_r``;
 ``(l, i) = top_k(logits)``; ``g = softmax(l)`` over the ``k`` selected logits only.
 ``B`` is zero-initialised (standard LoRA), so the layer starts as the static FFN.
 Compute: ``x A_e`` for every expert (``[N, E, r]``, small), masked by a gate row that is zero
@@ -24,12 +25,12 @@ from dsc_jax.layers.common import (
     check_common_fields,
     check_top_k,
     gelu_mlp,
-    load_balancing_loss,
     logical,
     model_dim_of,
     normal,
-    z_loss,
 )
+from dsc_jax.layers.routing import collects_losses, dense_gates, sow_routing
+from dsc_jax.layers.topk_router import TopKRouter
 
 
 class MoLoRALayer(nn.Module):
@@ -48,7 +49,7 @@ class MoLoRALayer(nn.Module):
       top_k: experts per token, ``1 <= k <= E``.
       hidden_dim: hidden width ``H`` of the static FFN.
       dropout_rate: dropout on the output when ``deterministic=False``.
-      init_std: std of ``mlp_in``, the router kernel and ``lora_a`` (spec: 0.02).
+      init_std: std of ``mlp_in``, the router kernel and ``lora_a`` (the paper: 0.02).
       out_init_std: std of ``mlp_out`` (a GPT passes ``0.02 / sqrt(2 L)``).
       dtype: compute dtype of the FFN and the experts; output dtype (router: float32).
       param_dtype: storage dtype of every parameter (initialisers compute in float32).
@@ -83,6 +84,20 @@ class MoLoRALayer(nn.Module):
         check_common_fields(self)
         super().__post_init__()
 
+    @nn.nowrap
+    def make_router(self) -> TopKRouter:
+        """The layer's ``router`` module (with bias, softmax over the k selected logits); its
+        input is the raw ``x``."""
+        return TopKRouter(
+            self.num_experts,
+            self.top_k,
+            use_bias=True,
+            renormalize=True,
+            init_std=self.init_std,
+            param_dtype=self.param_dtype,
+            name="router",
+        )
+
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Apply the static FFN and the routed LoRA update.
@@ -96,7 +111,7 @@ class MoLoRALayer(nn.Module):
         """
         check_float_input(type(self).__name__, x, model_dim_of(self, ("lora_a",), axis=1))
         model_dim = x.shape[-1]
-        num_experts, top_k = self.num_experts, self.top_k
+        num_experts = self.num_experts
 
         lora_a = self.param(
             "lora_a",
@@ -112,25 +127,8 @@ class MoLoRALayer(nn.Module):
         )
 
         tokens = x.reshape(-1, model_dim)
-        logits = nn.Dense(
-            num_experts,
-            use_bias=True,
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            kernel_init=normal(self.init_std, ("embed", "experts")),
-            bias_init=logical(nn.initializers.zeros, ("experts",)),
-            name="router",
-        )(tokens.astype(jnp.float32))  # [N, E]
-        top_logits, indices = jax.lax.top_k(logits, top_k)
-        indices = indices.astype(jnp.int32)
-        gates = jax.nn.softmax(top_logits, axis=-1)  # [N, k], sums to 1
-
-        if self.is_mutable_collection("losses") and not self.is_initializing():
-            probs = jax.nn.softmax(logits, axis=-1)
-            self.sow("losses", "aux", load_balancing_loss(probs, indices))
-            self.sow("losses", "z", z_loss(logits))
-        self.sow("intermediates", "top_k_indices", indices.reshape(*x.shape[:-1], top_k))
-        self.sow("intermediates", "gates", gates.reshape(*x.shape[:-1], top_k))
+        routing = self.make_router()(tokens.astype(jnp.float32), with_losses=collects_losses(self))
+        sow_routing(self, routing, x.shape[:-1])  # gates [N, k] sum to 1
 
         tokens = tokens.astype(self.dtype)
         y = gelu_mlp(
@@ -145,10 +143,9 @@ class MoLoRALayer(nn.Module):
         # Every expert's rank-r projection ([N, E, r]: small), weighted by a gate row that is
         # zero off the top-k, then one contraction with B. Gathering A_k/B_k per token instead
         # would materialise [N, k, d, r] tensors.
-        dense_gates = jnp.zeros((tokens.shape[0], num_experts), jnp.float32)
-        dense_gates = dense_gates.at[jnp.arange(tokens.shape[0])[:, None], indices].set(gates)
+        gate_rows = dense_gates(routing.indices, routing.gates, num_experts)  # [N, E]
         low_rank = jnp.einsum("nd,edr->ner", tokens, lora_a.astype(self.dtype))
-        low_rank = low_rank * dense_gates.astype(self.dtype)[..., None]
+        low_rank = low_rank * gate_rows.astype(self.dtype)[..., None]
         y = y + jnp.einsum("ner,erd->nd", low_rank, lora_b.astype(self.dtype))
 
         y = y.reshape((*x.shape[:-1], model_dim))

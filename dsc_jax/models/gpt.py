@@ -1,4 +1,4 @@
-"""GPT language model with a swappable FFN (spec §7): dense, MoE, MoLoRA or DSC.
+"""GPT language model with a swappable FFN (the paper's Table 2 model): dense, MoE, MoLoRA or DSC.
 
 Layout (pre-LayerNorm, GPT-2 style)::
 
@@ -28,6 +28,7 @@ from dsc_jax._checks import (
     check_positive_int,
     check_probability,
 )
+from dsc_jax.layers import common
 from dsc_jax.layers.common import normal
 from dsc_jax.layers.configs import FFN_KINDS, DSCConfig, FFNConfig, ffn_config
 from dsc_jax.models.attention import ATTENTION_IMPLEMENTATIONS, CausalSelfAttention
@@ -47,17 +48,18 @@ class GPTConfig:
 
     Attributes:
       vocab_size, max_seq_len, num_layers, num_heads, d_model: the transformer.
-      dropout_rate: attention-probability and residual dropout (spec: 0.1).
+      dropout_rate: attention-probability and residual dropout (the paper: 0.1).
       attention: ``"einsum"`` (written out; supports the dropout on probabilities),
         ``"xla"`` or ``"cudnn"`` (:func:`jax.nn.dot_product_attention`; ``"cudnn"`` is the
         fused kernel on NVIDIA GPUs with bfloat16/float16). See
         :mod:`dsc_jax.models.attention`.
-      attention_dropout: apply ``dropout_rate`` to the attention probabilities (spec); must
-        be False (or ``dropout_rate`` 0) with ``attention`` ``"xla"``/``"cudnn"``.
-      embed_dropout: also drop out the embeddings (neither the spec nor the reference
-        does; off by default).
+      attention_dropout: apply ``dropout_rate`` to the attention probabilities (the paper's
+        recipe); must be False (or ``dropout_rate`` 0) with ``attention`` ``"xla"`` or
+        ``"cudnn"``.
+      embed_dropout: also drop out the embeddings (neither the paper nor its reference
+        code does; off by default).
       ffn: the FFN of every block.
-      tie_embeddings: the head reuses the token embedding (spec).
+      tie_embeddings: the head reuses the token embedding (the paper's recipe).
       dtype: compute dtype name (``float32``, ``bfloat16``, ``float16``).
       param_dtype: parameter dtype name (same choices).
       scan_layers: run the blocks with ``nn.scan`` (one compiled block; parameters stacked
@@ -175,16 +177,60 @@ def make_ffn(cfg: GPTConfig, name: str = "ffn") -> nn.Module:
     )
 
 
-def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=paper.LAYER_NORM_EPS,
-        dtype=jnp.float32,
+def layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+    """The model's LayerNorms ``ln_1``, ``ln_2``, ``ln_f``: :func:`dsc_jax.layers.common.layer_norm`
+    (float32, exact variance, eps 1e-5) with ``cfg``'s parameter dtype."""
+    return common.layer_norm(cfg.params_dtype, name)
+
+
+def attention(cfg: GPTConfig, name: str = "attn") -> CausalSelfAttention:
+    """The causal self-attention of every block, configured from ``cfg``."""
+    return CausalSelfAttention(
+        num_heads=cfg.num_heads,
+        max_seq_len=cfg.max_seq_len,
+        dropout_rate=cfg.dropout_rate,
+        attention_dropout=cfg.attention_dropout,
+        implementation=cfg.attention,
+        out_init_std=cfg.residual_init_std,
+        dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
     )
+
+
+def token_embedding(cfg: GPTConfig, name: str = "wte") -> nn.Embed:
+    """``wte``: ``embedding [V, d]`` (``vocab, embed``, normal(0.02)); also the tied head
+    (``attend``)."""
+    return nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        embedding_init=normal(paper.INIT_STD, ("vocab", "embed")),
+        name=name,
+    )
+
+
+def embed(
+    cfg: GPTConfig, tokens: jax.Array, positions: jax.Array, deterministic: bool
+) -> tuple[jax.Array, nn.Embed]:
+    """The residual stream's start ``wte(tokens) + wpe(positions)`` in float32
+    (``tokens [B, T]`` int, ``positions [T]``) -> ``([B, T, d], wte)``; embedding dropout with
+    ``cfg.embed_dropout``. Creates ``wte`` and ``wpe/embedding [T_max, d]`` (``position,
+    embed``); call inside a parent's ``@nn.compact`` method."""
+    wte = token_embedding(cfg)
+    wpe = nn.Embed(
+        cfg.max_seq_len,
+        cfg.d_model,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        embedding_init=normal(paper.INIT_STD, ("position", "embed")),
+        name="wpe",
+    )
+    x = wte(tokens).astype(jnp.float32) + wpe(positions).astype(jnp.float32)
+    if cfg.embed_dropout:
+        x = nn.Dropout(cfg.dropout_rate, name="embed_dropout")(x, deterministic=deterministic)
+    return x, wte
 
 
 class Block(nn.Module):
@@ -196,10 +242,9 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True, decode: bool = False) -> jax.Array:
         """``x: [B, T, d]`` float32 residual stream -> same shape and dtype."""
         cfg = self.cfg
-        h = _layer_norm(cfg, "ln_1")(x).astype(cfg.compute_dtype)
-        attn = CausalSelfAttention(cfg, name="attn")
-        x = x + attn(h, deterministic=deterministic, decode=decode).astype(jnp.float32)
-        h = _layer_norm(cfg, "ln_2")(x).astype(cfg.compute_dtype)
+        h = layer_norm(cfg, "ln_1")(x).astype(cfg.compute_dtype)
+        x = x + attention(cfg)(h, deterministic=deterministic, decode=decode).astype(jnp.float32)
+        h = layer_norm(cfg, "ln_2")(x).astype(cfg.compute_dtype)
         h = make_ffn(cfg)(h, deterministic)
         return x + h.astype(jnp.float32)
 
@@ -252,7 +297,7 @@ def apply_blocks(
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer (spec §7).
+    """Decoder-only transformer (the paper's Table 2 model).
 
     Parameter tree: ``wte/embedding [V, d]`` (``vocab, embed``), ``wpe/embedding [T_max, d]``
     (``position, embed``), ``block_{i}/{ln_1, attn, ln_2, ffn}`` (with ``scan_layers``:
@@ -309,32 +354,14 @@ class GPT(nn.Module):
             raise ValueError(
                 f"GPT: sequence length {seq_len} exceeds GPTConfig.max_seq_len={cfg.max_seq_len}."
             )
-        wte = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            embedding_init=normal(paper.INIT_STD, ("vocab", "embed")),
-            name="wte",
-        )
-        wpe = nn.Embed(
-            cfg.max_seq_len,
-            cfg.d_model,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            embedding_init=normal(paper.INIT_STD, ("position", "embed")),
-            name="wpe",
-        )
         positions = jnp.arange(seq_len)
         if decode:
             offset = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
             positions = positions + offset.value
             offset.value = offset.value + seq_len
-        x = wte(tokens).astype(jnp.float32) + wpe(positions).astype(jnp.float32)
-        if cfg.embed_dropout:
-            x = nn.Dropout(cfg.dropout_rate, name="embed_dropout")(x, deterministic=deterministic)
+        x, wte = embed(cfg, tokens, positions, deterministic)
         x = apply_blocks(cfg, x, deterministic, decode)
-        h = _layer_norm(cfg, "ln_f")(x).astype(cfg.compute_dtype)
+        h = layer_norm(cfg, "ln_f")(x).astype(cfg.compute_dtype)
         if cfg.tie_embeddings:
             logits = wte.attend(h)
         else:
