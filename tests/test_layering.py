@@ -4,8 +4,8 @@ Library: every module of ``dsc_jax`` outside the applications (layers, models, b
 loading, generation, sharding, data, the paper's numbers, timing, private helpers).
 Applications: the trainer (``dsc_jax.train``), the experiment runner (``dsc_jax.experiments``)
 and the command lines (``dsc_jax.cli``, ``dsc_jax.sample_cli``, ``dsc_jax.console``).
-Benchmarks (``benchmarks/``) import only the library. Imports are read with ``ast`` (function-level and ``TYPE_CHECKING``
-imports included), so nothing is executed.
+Benchmarks (``benchmarks/``) import only the library. Imports are read with ``ast``
+(function-level and ``TYPE_CHECKING`` imports included), so nothing is executed.
 """
 
 from __future__ import annotations
