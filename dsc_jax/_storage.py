@@ -118,3 +118,12 @@ def save_figure_atomically(figure: Any, path: str, **savefig_kwargs: Any) -> Non
     suffix = os.path.splitext(path)[1].lstrip(".") or "png"
     figure.savefig(buffer, format=suffix, **savefig_kwargs)
     write_atomically(path, buffer.getvalue())
+
+
+def short_error(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (TensorStore errors span dozens of lines)."""
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(err).__name__}: {first}"

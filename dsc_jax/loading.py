@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from dsc_jax._compat import closed_event_loop_errors_quieted
+from dsc_jax._storage import short_error
 from dsc_jax.data.tokenizers import Tokenizer, build_tokenizer
 from dsc_jax.models.gpt import GPT, GPTConfig
-from dsc_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
+from dsc_jax.run_folder import CHECKPOINT_DIR, CONFIG_FILE
 
 __all__ = [
     "LoadedModel",
@@ -186,7 +187,6 @@ def load_model(
             raise RunNotFoundError(f"workdir {workdir} has no checkpoint {step}; it has {steps}.")
         steps = [step]
     # orbax only when restoring: ``import dsc_jax`` stays light
-    from dsc_jax.train.checkpointing import short_error
 
     target = abstract_params(config, sharding)
     errors = []

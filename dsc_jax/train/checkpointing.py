@@ -60,6 +60,7 @@ from dsc_jax._compat import (
     closed_event_loop_errors_quieted,
     release_blocked_orbax_threads,
 )
+from dsc_jax._storage import short_error
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +82,6 @@ class UnreadableCheckpointsError(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (the message names the folder and the OS reason)."""
-
-
-def short_error(err: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message`` (TensorStore errors span dozens of lines)."""
-    text = str(err).strip().splitlines()
-    first = text[0] if text else ""
-    if len(first) > limit:
-        first = first[: limit - 3] + "..."
-    return f"{type(err).__name__}: {first}"
 
 
 def _data_fingerprint(data_state: Any) -> str:

@@ -25,9 +25,7 @@ from typing import Any
 from absl import logging
 
 from dsc_jax._storage import storage_errors, write_atomically
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from dsc_jax.run_folder import METRICS_FILE, TENSORBOARD_DIR
 
 
 def format_duration(seconds: float) -> str:

@@ -28,10 +28,9 @@ from typing import Any
 from absl import logging
 
 from dsc_jax._storage import storage_errors, write_json_atomically
+from dsc_jax.run_folder import CHECKPOINT_DIR, CONFIG_FILE
 
 LOCK_FILE = ".lock"
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/ (orbax)
 # Everything a run writes into its workdir (what start_over moves aside).
 RUN_OUTPUTS = (
     CHECKPOINT_DIR,
