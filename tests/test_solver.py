@@ -12,14 +12,13 @@ import pytest
 
 from dsc_jax.layers.configs import DenseConfig, DSCConfig, MoEConfig, MoLoRAConfig
 from dsc_jax.models.gpt import GPTConfig
-from dsc_jax.models.solver import (
-    SIZED_FIELDS,
+from dsc_jax.models.param_count import (
     budget_ffn_params,
     closed_form_params,
     count_params,
     fixed_param_count,
-    solve_iso_active,
 )
+from dsc_jax.models.solver import SIZED_FIELDS, solve_iso_active
 
 PAPER = dict(d_model=384, num_layers=6, num_heads=6, vocab_size=50304, seq_len=256)
 TOTAL, ACTIVE = 35e6, 28e6

@@ -15,14 +15,8 @@ import ml_collections
 
 from dsc_jax.experiments.presets import Study
 from dsc_jax.experiments.variants import Variant
-from dsc_jax.models.solver import (
-    SIZED_FIELDS,
-    IsoActiveSolution,
-    budget_params,
-    count_params,
-    fixed_param_count,
-    solve_iso_active,
-)
+from dsc_jax.models.param_count import budget_params, count_params, fixed_param_count
+from dsc_jax.models.solver import SIZED_FIELDS, IsoActiveSolution, solve_iso_active
 from dsc_jax.train import config as config_lib
 
 
