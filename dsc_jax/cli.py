@@ -134,7 +134,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir is required (e.g. --workdir=runs/default).")
     # Imported here so that `--help` and flag errors need no JAX start-up.
     from dsc_jax._compat import quiet_closed_event_loop_errors
-    from dsc_jax.sharding import initialize_distributed
+    from dsc_jax.distributed import initialize_distributed
     from dsc_jax.train.trainer import train_and_evaluate
 
     quiet_closed_event_loop_errors()

@@ -238,8 +238,10 @@ def test_initialize_distributed_single_process(monkeypatch: pytest.MonkeyPatch) 
     cluster_vars = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "OMPI_MCA_orte_hnp_uri")
     for var in (*cluster_vars, "TPU_WORKER_HOSTNAMES", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(var, raising=False)
-    assert sh.initialize_distributed() is False  # no cluster: plain single-process run
-    assert sh.initialize_distributed(num_processes=1) is False
+    from dsc_jax.distributed import initialize_distributed
+
+    assert initialize_distributed() is False  # no cluster: plain single-process run
+    assert initialize_distributed(num_processes=1) is False
     assert not jax.distributed.is_initialized()
 
 

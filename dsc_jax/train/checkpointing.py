@@ -34,6 +34,9 @@ that would wait forever for the failed save are released, so the process can exi
 The fingerprint is computed on device: for each leaf, two uint32 sums (plain and
 position-weighted) of its bit pattern. Integer sums wrap exactly, so the value is
 independent of the sharding and of the reduction order.
+
+(A little over 400 lines, a third of them this contract: save, integrity check, fallback and
+quarantine share one ``CheckpointManager`` and its error handling.)
 """
 
 from __future__ import annotations
