@@ -48,7 +48,7 @@ def paper_augment(
 def paper_slices(
     train_tokens: np.ndarray, validation_tokens: np.ndarray, train_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Spec §8 split: first ``train_fraction`` of the train-text tokens, and the tokens of the
+    """The reference pipeline's split: first ``train_fraction`` of the train-text tokens, and the tokens of the
     validation text after its first ``train_fraction`` (its last 10 % by default).
 
     Args:
