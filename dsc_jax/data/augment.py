@@ -48,8 +48,9 @@ def paper_augment(
 def paper_slices(
     train_tokens: np.ndarray, validation_tokens: np.ndarray, train_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The reference pipeline's split: first ``train_fraction`` of the train-text tokens, and the tokens of the
-    validation text after its first ``train_fraction`` (its last 10 % by default).
+    """The reference pipeline's split: first ``train_fraction`` of the train-text tokens, and
+    the tokens of the validation text after its first ``train_fraction`` (its last 10 % by
+    default).
 
     Args:
       train_tokens: ``[N_train]`` tokens of the (augmented) train text.
