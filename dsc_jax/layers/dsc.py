@@ -12,9 +12,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsc_jax import _checks, paper
-from dsc_jax.layers import bank_parallel, common, dsc_contract, dsc_product_key, dsc_router
+from dsc_jax.layers import (
+    bank_parallel,
+    common,
+    dsc_contract,
+    dsc_product_key,
+    dsc_router,
+    remat_names,
+)
 from dsc_jax.layers.routing import collects_losses, sow_routing
 
 VARIANTS = ("refined", "basic")
@@ -219,6 +227,7 @@ class DSCLayer(nn.Module):
         routing = self.make_router()(self._router_input(tokens), with_losses=collects_losses(self))
         # Normalise the bank and contract: ((x U_Iᵀ) ⊙ ẑ) V_I, ΔW(x) never materialised.
         dynamic = self._contract(tokens.astype(self.dtype), basis_u, basis_v, routing)  # [N, d]
+        dynamic = checkpoint_name(dynamic, remat_names.DSC_OUTPUT)
         # Add to the static FFN: y = f(x) + y_dyn ⊙ γ.
         y = static + (dynamic * gamma.astype(self.dtype)).astype(self.dtype)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
