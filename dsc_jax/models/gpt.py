@@ -285,8 +285,8 @@ def remat_policy(name: str, owner: str = "GPTConfig") -> Any:
         return jax.checkpoint_policies.save_only_these_names(*names)
     if name not in REMAT_POLICIES:
         raise ValueError(
-            f"{owner}.remat={name!r} is invalid; expected one of {REMAT_POLICIES} or "
-            f"'{REMAT_SAVE_PREFIX}NAME[,NAME...]' with names from {remat_names.ALL_NAMES}."
+            f"{owner}.remat={name!r} is invalid; expected one of {REMAT_POLICIES}. Or a named "
+            f"policy '{REMAT_SAVE_PREFIX}NAME[,NAME...]' with names from {remat_names.ALL_NAMES}."
         )
     if name == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
