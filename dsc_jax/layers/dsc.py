@@ -12,9 +12,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsc_jax import _checks, paper
-from dsc_jax.layers import common, dsc_contract, dsc_product_key, dsc_router
+from dsc_jax.layers import (
+    bank_parallel,
+    common,
+    dsc_contract,
+    dsc_product_key,
+    dsc_router,
+    remat_names,
+)
 from dsc_jax.layers.routing import collects_losses, sow_routing
 
 VARIANTS = ("refined", "basic")
@@ -41,10 +49,13 @@ DEFAULT_BANK_RADIUS = paper.REFERENCE_BANK_INIT_SCALE
 AUTO_DENSE_MAX_BASES_PER_ACTIVE = 32
 
 
-def resolve_compute(compute: str, num_bases: int, top_k: int) -> str:
-    """The compute path ``compute`` selects for ``num_bases`` atoms with ``top_k`` active."""
+def resolve_compute(compute: str, num_bases: int, top_k: int, bank_axis: str | None = None) -> str:
+    """The compute path ``compute`` selects for ``num_bases`` atoms with ``top_k`` active
+    (``"gather"`` whenever the bank is sharded over ``bank_axis``)."""
     if compute != "auto":
         return compute
+    if bank_axis is not None:
+        return "gather"
     return "dense" if num_bases <= AUTO_DENSE_MAX_BASES_PER_ACTIVE * top_k else "gather"
 
 
@@ -93,6 +104,17 @@ class DSCLayer(nn.Module):
         for ``M > d`` its rows have norms below ``r``). The reference code's bank is
         ``bank_radius=0.02, bank_init="orthogonal"`` with ``bank_projection="none"``.
       compute: ``"gather"``, ``"dense"`` or ``"auto"`` (see :func:`resolve_compute`).
+      bank_axis: None (the bank is replicated, or sharded by the compiler as any weight), or
+        the mesh axis the bank's atoms are split over (bank parallelism,
+        :mod:`dsc_jax.layers.bank_parallel`): the gather contraction then runs with
+        :func:`~dsc_jax.layers.bank_parallel.contract_sharded_banks`, so that no device
+        holds more than its ``M / D`` rows of ``basis_u``/``basis_v``. Apply the layer inside
+        ``jax.jit`` under ``jax.set_mesh(mesh)``, with logical-axis rules that map ``bases``
+        to this axis (``dsc_jax.LOGICAL_AXIS_RULES`` maps it to ``tensor``); an ``embed``
+        mapping of the bank (FSDP) is all-gathered inside the layer. ``M`` must be a
+        multiple of the axis size; ``compute="dense"`` is not allowed (``"auto"`` picks
+        ``"gather"``). ``init`` runs the unsharded contraction (the same values) and needs
+        no mesh.
       router: ``"flat"`` (one ``[d, M]`` router) or ``"product_key"`` (two sub-key tables of
         ``n₁ × n₂ = M`` keys over the two halves of the router input, exact two-stage top-K;
         see :mod:`dsc_jax.layers.dsc_product_key`).
@@ -138,6 +160,7 @@ class DSCLayer(nn.Module):
     bank_radius: float = DEFAULT_BANK_RADIUS
     bank_init: str = "sphere"
     compute: str = "auto"
+    bank_axis: str | None = None
     router: str = "flat"
     product_key_rows: int = 0
     product_key_aux: str = "marginal"
@@ -156,6 +179,7 @@ class DSCLayer(nn.Module):
         _checks.check_choice(name, "variant", self.variant, VARIANTS)
         _checks.check_choice(name, "compute", self.compute, COMPUTE_MODES)
         _checks.check_choice(name, "router", self.router, ROUTERS)
+        self._check_bank_axis(name)
         _checks.check_choice(name, "frame_regularizer", self.frame_regularizer, (True, False))
         _checks.check_choice(name, "product_key_aux", self.product_key_aux, PRODUCT_KEY_AUX)
         if self.router == "product_key":
@@ -202,16 +226,8 @@ class DSCLayer(nn.Module):
         # Route: the K atoms of every token and their gates ẑ (float32).
         routing = self.make_router()(self._router_input(tokens), with_losses=collects_losses(self))
         # Normalise the bank and contract: ((x U_Iᵀ) ⊙ ẑ) V_I, ΔW(x) never materialised.
-        path = resolve_compute(self.compute, self.num_bases, self.top_k)
-        dynamic = dsc_contract.contract(
-            tokens.astype(self.dtype),
-            basis_u,
-            basis_v,
-            routing.indices,
-            routing.gates,
-            self.eps,
-            path,
-        )  # [N, d]
+        dynamic = self._contract(tokens.astype(self.dtype), basis_u, basis_v, routing)  # [N, d]
+        dynamic = checkpoint_name(dynamic, remat_names.DSC_OUTPUT)
         # Add to the static FFN: y = f(x) + y_dyn ⊙ γ.
         y = static + (dynamic * gamma.astype(self.dtype)).astype(self.dtype)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -223,6 +239,41 @@ class DSCLayer(nn.Module):
             frame = {"frame": dsc_router.frame_excess(unit_u, unit_v)}
         sow_routing(self, routing, lead_shape, signal=True, extra_losses=frame)
         return y.reshape(*lead_shape, d_model).astype(self.dtype)
+
+    def _check_bank_axis(self, name: str) -> None:
+        if self.bank_axis is None:
+            return
+        if not isinstance(self.bank_axis, str) or not self.bank_axis:
+            raise ValueError(
+                f"{name}.bank_axis={self.bank_axis!r} is invalid; expected None or the name "
+                "of a mesh axis, e.g. 'tensor'."
+            )
+        if self.compute == "dense":
+            raise ValueError(
+                f"{name}.compute='dense' is invalid with bank_axis={self.bank_axis!r}: the "
+                "sharded bank runs the gather contraction; expected compute 'gather' or "
+                "'auto' (or bank_axis=None)."
+            )
+
+    def _contract(
+        self, tokens: jax.Array, basis_u: jax.Array, basis_v: jax.Array, routing: Any
+    ) -> jax.Array:
+        """``((x U_Iᵀ) ⊙ ẑ) V_I`` on ``tokens: [N, d]`` (compute dtype) -> ``[N, d]``: the
+        path of :func:`resolve_compute`, or the sharded bank's contraction (``bank_axis``)."""
+        if self.bank_axis is not None and not self.is_initializing():
+            return bank_parallel.contract_sharded_banks(
+                tokens,
+                basis_u,
+                basis_v,
+                routing.indices,
+                routing.gates,
+                self.eps,
+                axis_name=self.bank_axis,
+            )
+        path = resolve_compute(self.compute, self.num_bases, self.top_k, self.bank_axis)
+        return dsc_contract.contract(
+            tokens, basis_u, basis_v, routing.indices, routing.gates, self.eps, path
+        )
 
     def _bank(self, d_model: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The raw bank ``basis_u``, ``basis_v`` ``[M, d]`` (normalised where they are read)

@@ -36,8 +36,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
+from dsc_jax.layers import remat_names
 from dsc_jax.layers.routing import dense_gates
 
 #: The compute paths of :func:`contract`.
@@ -231,7 +233,7 @@ def _contraction(x, bank_u, bank_v, indices, gates, eps):
 def _forward(x, bank_u, bank_v, indices, gates, eps):
     unit_u = _gather_rows(bank_u, indices, eps, x.dtype)[0]
     unit_v = _gather_rows(bank_v, indices, eps, x.dtype)[0]
-    projections = _project(x, unit_u)  # [N, K] float32
+    projections = checkpoint_name(_project(x, unit_u), remat_names.DSC_LATENTS)  # [N, K] f32
     coefficients = (projections * gates).astype(x.dtype)
     return _combine(coefficients, unit_v, x.dtype), projections
 

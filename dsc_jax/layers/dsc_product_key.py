@@ -46,8 +46,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from dsc_jax.layers import common
+from dsc_jax.layers import common, remat_names
 from dsc_jax.layers.dsc_router import DSCRouter, Selection, aux_loss
 from dsc_jax.layers.routing import top_k_lowest_index
 
@@ -116,7 +117,7 @@ class ProductKeyRouter(DSCRouter):
                 bias_init=common.logical(nn.initializers.zeros, ("subkeys",)),
                 name=name,
             )
-            scores.append(dense(part))
+            scores.append(checkpoint_name(dense(part), remat_names.DSC_ROUTER_LOGITS))
         return scores[0], scores[1]
 
 

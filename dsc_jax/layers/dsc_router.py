@@ -16,8 +16,10 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsc_jax import paper
+from dsc_jax.layers import remat_names
 from dsc_jax.layers.common import Dtype, z_loss
 from dsc_jax.layers.dsc_contract import normalize_rows as normalize_rows
 from dsc_jax.layers.dsc_contract import sparse_logit_gradient
@@ -90,6 +92,7 @@ class FlatRouter(DSCRouter):
             param_dtype=self.param_dtype,
             use_bias=True,
         )  # [N, M]
+        raw_logits = checkpoint_name(raw_logits, remat_names.DSC_ROUTER_LOGITS)
         indices = top_k_indices(jax.lax.stop_gradient(raw_logits), self.top_k, self.tau)
         selected = jnp.take_along_axis(raw_logits, indices, axis=-1)
         # φ's gradient over the K selected router columns only (O(N K d), not O(N M d)).

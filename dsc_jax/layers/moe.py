@@ -27,6 +27,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsc_jax import paper
 from dsc_jax._checks import (
@@ -35,6 +36,7 @@ from dsc_jax._checks import (
     check_positive_float,
     check_positive_int,
 )
+from dsc_jax.layers import remat_names
 from dsc_jax.layers.common import (
     Dtype,
     check_common_fields,
@@ -96,6 +98,7 @@ def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_exp
 def _expert_mlp(tokens: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
     """Batched experts ``GELU(t W_in[e]) W_out[e]``: ``tokens [E, C, d] -> [E, C, d]``."""
     hidden = jax.nn.gelu(jnp.einsum("ecd,edh->ech", tokens, w_in), approximate=False)
+    hidden = checkpoint_name(hidden, remat_names.MOE_EXPERT_HIDDEN)
     return jnp.einsum("ech,ehd->ecd", hidden, w_out)
 
 
@@ -277,6 +280,7 @@ class MoELayer(nn.Module):
         hidden = jax.nn.gelu(
             jax.lax.ragged_dot(sorted_tokens, w_in, group_sizes), approximate=False
         )
+        hidden = checkpoint_name(hidden, remat_names.MOE_EXPERT_HIDDEN)
         sorted_out = jax.lax.ragged_dot(hidden, w_out, group_sizes)  # [N·k, d]
         slot_out = sorted_out[jnp.argsort(order)].reshape(num_tokens, top_k, -1)
         return jnp.einsum("nkd,nk->nd", slot_out, gates.astype(self.dtype))
@@ -363,6 +367,7 @@ def tile_expert_mlp(tiles: jax.Array, tile_w_in: jax.Array, tile_w_out: jax.Arra
     """``GELU(tiles W_in) W_out`` per tile: ``tiles [T, c, d]``, ``tile_w_in [T, d, H]``,
     ``tile_w_out [T, H, d]`` (each tile's expert weights) -> ``[T, c, d]``."""
     hidden = jax.nn.gelu(jnp.einsum("tcd,tdh->tch", tiles, tile_w_in), approximate=False)
+    hidden = checkpoint_name(hidden, remat_names.MOE_EXPERT_HIDDEN)
     return jnp.einsum("tch,thd->tcd", hidden, tile_w_out)
 
 

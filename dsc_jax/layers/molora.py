@@ -17,9 +17,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsc_jax import paper
 from dsc_jax._checks import check_float_input, check_positive_int
+from dsc_jax.layers import remat_names
 from dsc_jax.layers.common import (
     Dtype,
     check_common_fields,
@@ -95,6 +97,7 @@ class MoLoRALayer(nn.Module):
             renormalize=True,
             init_std=self.init_std,
             param_dtype=self.param_dtype,
+            logits_name=remat_names.MOLORA_ROUTER_LOGITS,
             name="router",
         )
 
@@ -146,6 +149,7 @@ class MoLoRALayer(nn.Module):
         gate_rows = dense_gates(routing.indices, routing.gates, num_experts)  # [N, E]
         low_rank = jnp.einsum("nd,edr->ner", tokens, lora_a.astype(self.dtype))
         low_rank = low_rank * gate_rows.astype(self.dtype)[..., None]
+        low_rank = checkpoint_name(low_rank, remat_names.MOLORA_LATENTS)
         y = y + jnp.einsum("ner,erd->nd", low_rank, lora_b.astype(self.dtype))
 
         y = y.reshape((*x.shape[:-1], model_dim))

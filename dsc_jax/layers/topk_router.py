@@ -16,8 +16,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsc_jax import paper
+from dsc_jax.layers import remat_names
 from dsc_jax.layers.common import Dtype, load_balancing_loss, z_loss
 from dsc_jax.layers.routing import RouterOutput, router_projection
 
@@ -35,6 +37,8 @@ class TopKRouter(nn.Module):
         ``jitter_key`` is passed).
       init_std: std of the kernel.
       param_dtype: storage dtype of the kernel and bias.
+      logits_name: the logits' :func:`~jax.ad_checkpoint.checkpoint_name`
+        (:mod:`dsc_jax.layers.remat_names`; MoLoRA passes its own).
 
     Parameters: ``kernel [d, E]`` (``embed, experts``), ``bias [E]`` (``experts``) with
     ``use_bias``.
@@ -47,6 +51,7 @@ class TopKRouter(nn.Module):
     jitter_std: float = 0.0
     init_std: float = paper.INIT_STD
     param_dtype: Dtype = jnp.float32
+    logits_name: str = remat_names.MOE_ROUTER_LOGITS
 
     @nn.compact
     def __call__(
@@ -71,6 +76,7 @@ class TopKRouter(nn.Module):
             param_dtype=self.param_dtype,
             use_bias=self.use_bias,
         )  # [N, E]
+        logits = checkpoint_name(logits, self.logits_name)
         noisy = logits
         if jitter_key is not None and self.jitter_std > 0:
             noise = jax.random.normal(jitter_key, logits.shape, jnp.float32)

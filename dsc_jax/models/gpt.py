@@ -28,13 +28,16 @@ from dsc_jax._checks import (
     check_positive_int,
     check_probability,
 )
-from dsc_jax.layers import common
+from dsc_jax.layers import common, remat_names
 from dsc_jax.layers.common import normal
 from dsc_jax.layers.configs import FFN_KINDS, DSCConfig, FFNConfig, ffn_config
 from dsc_jax.models.attention import ATTENTION_IMPLEMENTATIONS, CausalSelfAttention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
+#: Prefix of a named-remat policy: ``"save:NAME[,NAME...]"`` with names from
+#: :data:`dsc_jax.layers.remat_names.ALL_NAMES`.
+REMAT_SAVE_PREFIX = "save:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,10 @@ class GPTConfig:
       scan_layers: run the blocks with ``nn.scan`` (one compiled block; parameters stacked
         on a leading ``layers`` axis under ``blocks/``).
       remat: rematerialise each block in the backward pass: ``"none"``, ``"full"``
-        (recompute everything) or ``"dots"`` (keep matmul outputs, recompute the rest).
+        (recompute everything), ``"dots"`` (keep matmul outputs, recompute the rest) or
+        ``"save:NAME[,NAME...]"`` (keep only the named tensors of the routed layers, e.g.
+        ``"save:dsc_router_logits,dsc_latents"``; names from
+        :data:`dsc_jax.layers.remat_names.ALL_NAMES`, see :func:`remat_policy`).
     """
 
     vocab_size: int = paper.VOCAB_SIZE
@@ -111,7 +117,7 @@ class GPTConfig:
             )
         check_choice(owner, "dtype", self.dtype, tuple(DTYPES))
         check_choice(owner, "param_dtype", self.param_dtype, tuple(DTYPES))
-        check_choice(owner, "remat", self.remat, REMAT_POLICIES)
+        remat_policy(self.remat, owner)  # validates
 
     @property
     def ffn_kind(self) -> str:
@@ -259,8 +265,29 @@ class _ScannedBlock(Block):
         return super().__call__(x, deterministic, decode), None
 
 
-def remat_policy(name: str) -> Any:
-    """The ``jax.checkpoint`` policy of ``GPTConfig.remat`` (``None`` saves nothing)."""
+def remat_policy(name: str, owner: str = "GPTConfig") -> Any:
+    """The ``jax.checkpoint`` policy of ``GPTConfig.remat`` (``None`` saves nothing):
+    ``"save:NAME[,NAME...]"`` is ``jax.checkpoint_policies.save_only_these_names`` over
+    :data:`dsc_jax.layers.remat_names.ALL_NAMES`.
+
+    Raises:
+      ValueError: ``name`` is neither one of :data:`REMAT_POLICIES` nor a ``"save:"``
+        policy of known, non-empty names (naming the allowed values).
+    """
+    if isinstance(name, str) and name.startswith(REMAT_SAVE_PREFIX):
+        names = tuple(n.strip() for n in name.removeprefix(REMAT_SAVE_PREFIX).split(","))
+        unknown = [n for n in names if n not in remat_names.ALL_NAMES]
+        if unknown or not names:
+            raise ValueError(
+                f"{owner}.remat={name!r} is invalid: {unknown} are not tensor names; expected "
+                f"'{REMAT_SAVE_PREFIX}' and a comma-separated subset of {remat_names.ALL_NAMES}."
+            )
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    if name not in REMAT_POLICIES:
+        raise ValueError(
+            f"{owner}.remat={name!r} is invalid; expected one of {REMAT_POLICIES}. Or a named "
+            f"policy '{REMAT_SAVE_PREFIX}NAME[,NAME...]' with names from {remat_names.ALL_NAMES}."
+        )
     if name == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     return None

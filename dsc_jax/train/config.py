@@ -55,8 +55,13 @@ def ffn_group(kind: str, **fields: Any) -> ml_collections.ConfigDict:
       ValueError: an unknown kind or field, or a bad value (naming it).
     """
     group = ml_collections.ConfigDict({"kind": kind})
+    types = {f.name: str(f.type) for f in dataclasses.fields(FFN_CONFIGS[kind])}
     for name, value in ffn_config(kind, fields).to_dict().items():
-        group[name] = ml_collections.config_dict.placeholder(float) if value is None else value
+        if value is None:  # e.g. out_init_std (float | None), bank_axis (str | None)
+            value = ml_collections.config_dict.placeholder(
+                str if types[name].startswith("str") else float
+            )
+        group[name] = value
     return group
 
 
@@ -339,6 +344,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     except ValueError as err:
         raise ValueError(f"losses: {err}") from None
     _validate_mesh(config.mesh)
+    _validate_bank_axis(config.model.ffn)
+
+
+def _validate_bank_axis(ffn: Any) -> None:
+    """``model.ffn.bank_axis`` (DSC): None or one of the trainer's mesh axes."""
+    bank_axis = ffn.get("bank_axis")
+    if bank_axis is not None and bank_axis not in MESH_AXES:
+        raise ValueError(
+            f"model.ffn.bank_axis={bank_axis!r} is invalid; expected None or one of the "
+            f"trainer's mesh axes {MESH_AXES}."
+        )
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
