@@ -228,15 +228,18 @@ def test_bank_axis_field_validation():
         layer.apply(variables, x)
 
 
-def test_trainer_config_accepts_bank_axis_on_a_mesh_axis():
-    """``--config.model.ffn.bank_axis=tensor`` passes validation (the field is a str
-    placeholder); an axis the trainer's mesh lacks is refused, naming the allowed ones."""
+def test_trainer_refuses_bank_axis_before_any_compute():
+    """``--config.model.ffn.bank_axis=tensor`` reaches validation (the field is a str
+    placeholder) and is refused in one line: the trainer's step does not run under
+    ``jax.set_mesh`` yet. An axis the trainer's mesh lacks is named as such."""
     from dsc_jax.train import config as config_lib
 
     config = config_lib.base_config("dsc")
+    config_lib.validate_config(config)  # unset: fine
     config.model.ffn.bank_axis = "tensor"
-    config_lib.validate_config(config)
     assert config_lib.model_config(config).ffn.bank_axis == "tensor"
+    with pytest.raises(ValueError, match=r"bank_axis='tensor': the trainer does not support"):
+        config_lib.validate_config(config)
     config.model.ffn.bank_axis = "bank"
     with pytest.raises(ValueError, match=r"bank_axis='bank' is invalid.*'data', 'fsdp', 'tensor'"):
         config_lib.validate_config(config)

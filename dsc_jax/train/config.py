@@ -348,13 +348,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_bank_axis(ffn: Any) -> None:
-    """``model.ffn.bank_axis`` (DSC): None or one of the trainer's mesh axes."""
+    """``model.ffn.bank_axis`` (DSC): the trainer does not run its step under
+    ``jax.set_mesh`` yet, which the bank-parallel layer needs; refuse it before any compute
+    (an axis the mesh lacks is named as such)."""
     bank_axis = ffn.get("bank_axis")
-    if bank_axis is not None and bank_axis not in MESH_AXES:
+    if bank_axis is None:
+        return
+    if bank_axis not in MESH_AXES:
         raise ValueError(
             f"model.ffn.bank_axis={bank_axis!r} is invalid; expected None or one of the "
             f"trainer's mesh axes {MESH_AXES}."
         )
+    raise ValueError(
+        f"model.ffn.bank_axis={bank_axis!r}: the trainer does not support bank parallelism "
+        "yet (its step does not run under jax.set_mesh); use DSCLayer(bank_axis=...) in your "
+        "own jitted step under jax.set_mesh, or leave model.ffn.bank_axis unset (None)."
+    )
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
