@@ -9,6 +9,9 @@ Layout (pre-LayerNorm, GPT-2 style)::
 
 Matmuls run in ``cfg.dtype``; LayerNorms, the attention softmax and the returned logits are
 float32, and the residual stream is kept in float32 (like PyTorch autocast in the paper).
+
+(A little over 400 lines: the config with its validation, the block, the scan/remat policies
+and the KV-cache decode path are one model and are read together.)
 """
 
 from __future__ import annotations
