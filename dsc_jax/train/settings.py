@@ -157,7 +157,6 @@ RESUME_MUTABLE_KEYS: tuple[str, ...] = (
     "data.wikitext_download",
     "data.gpt2_bpe_dir",
     "model.*compute",  # DSC kernel choice (same function, another algorithm)
-    "model.*bank_axis",  # where the DSC bank's atoms live (the same arrays, sharded)
 )
 _ABSENT = "<absent>"
 
